@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Sets up everything smat needs on a fresh machine, then runs a job.
+#   bash bootstrap.sh            install, then the main job on the offline benchmark
+#   bash bootstrap.sh test       install, then the test suite
+#   bash bootstrap.sh install    install only
+# Installs Debian's fonts-noto-core and dataset-fashion-mnist (the offline benchmark's inputs)
+# with apt when run as root or with sudo, a virtual environment in .venv, and smat into it.
+set -euo pipefail
+cd "$(dirname "$0")"
+mode="${1:-reproduce}"
+[ $# -gt 0 ] && shift
+
+APT_PACKAGES=(fonts-noto-core dataset-fashion-mnist)
+PYTHON="${PYTHON:-python3}"
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ! "$PYTHON" -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  missing+=(python3 python3-venv)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo"; else
+    echo "error: missing Debian packages: ${missing[*]}; run" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "installing smat into .venv"
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test]"
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+
+case "$mode" in
+  reproduce) exec .venv/bin/smat reproduce "$@" ;;
+  test) exec .venv/bin/python -m pytest -q tests "$@" ;;
+  install) echo "installed: .venv/bin/smat" ;;
+  *) echo "usage: bash bootstrap.sh [reproduce|test|install]" >&2; exit 2 ;;
+esac

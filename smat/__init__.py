@@ -1,0 +1,3 @@
+"""Sparse MetA-Tuning (SMAT) in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Python config files (`configs/<name>.py[:arg]`) with `--config.FIELD=VALUE` overrides.
+
+A config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`; `arg` selects
+a variant such as `smoke`. The returned dict is locked, so a misspelt override is an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+from smat.errors import SmatError
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`spec` = 'path/to/file.py' or 'path/to/file.py:arg'; overrides = ['a.b=1', ...]."""
+  path, _, arg = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise SmatError(f"config {path}: file not found (configs live in configs/<name>.py)")
+  module_spec = importlib.util.spec_from_file_location(f"smat_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise SmatError(f"config {path}: defines no get_config(arg=None)")
+  config = module.get_config(arg or None)
+  config.lock()
+  for override in overrides:
+    apply_override(config, override, path)
+  return config
+
+
+def _parse(text: str, current):
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  return value
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str, where: str = "config") -> None:
+  """'a.b=value' → config.a.b = value, parsed to the field's current type."""
+  key, sep, text = override.removeprefix("--config.").removeprefix("config.").partition("=")
+  if not sep:
+    raise SmatError(f"override {override!r}: expected --config.FIELD=VALUE")
+  node = config
+  parts = key.split(".")
+  for part in parts[:-1]:
+    if part not in node:
+      raise SmatError(f"{where}: no field {key!r} (known: {sorted(node.keys())})")
+    node = node[part]
+  leaf = parts[-1]
+  if leaf not in node:
+    raise SmatError(f"{where}: no field {key!r} (known at that level: {sorted(node.keys())})")
+  value = _parse(text, node[leaf])
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise SmatError(f"{where}: --config.{key}={text}: {e}") from None

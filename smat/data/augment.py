@@ -1,0 +1,82 @@
+"""Image preprocessing and the meta-training augmentation, on device, as pure JAX functions.
+
+Recipe (P>M>F / SMAT meta-training): random resized crop (scale 0.08–1, ratio 3/4–4/3), colour
+jitter (brightness, contrast, saturation 0.4) and horizontal flip, then mean/std
+normalisation. Each image gets its own key, so augmentation is a pure function of (key, batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LUMA = jnp.array([0.299, 0.587, 0.114])
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.4
+  flip_prob: float = 0.5
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 [..., H, W, 3] → float32 in [0, 1]."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def normalize(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+  return (images - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def random_resized_crop(key: jax.Array, image: jax.Array, scale, ratio) -> jax.Array:
+  """Crop a random box (area fraction ~ U(scale), log aspect ~ U(log ratio)), resize back."""
+  size = image.shape[0]
+  k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
+  area = jax.random.uniform(k_area, minval=scale[0], maxval=scale[1])
+  log_r = jax.random.uniform(k_ratio, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+  aspect = jnp.exp(log_r)
+  width = jnp.clip(jnp.sqrt(area * aspect), 1.0 / size, 1.0) * size
+  height = jnp.clip(jnp.sqrt(area / aspect), 1.0 / size, 1.0) * size
+  top = jax.random.uniform(k_y) * (size - height)
+  left = jax.random.uniform(k_x) * (size - width)
+  zoom = jnp.array([size / height, size / width])
+  return jax.image.scale_and_translate(
+      image, image.shape, (0, 1), zoom, -jnp.array([top, left]) * zoom, method="linear",
+      antialias=True)
+
+
+def color_jitter(key: jax.Array, image: jax.Array, brightness: float, contrast: float,
+                 saturation: float) -> jax.Array:
+  """Brightness, contrast and saturation factors ~ U[1 − s, 1 + s], applied in that order."""
+  kb, kc, ks = jax.random.split(key, 3)
+  factor = lambda k, s: jax.random.uniform(k, minval=1 - s, maxval=1 + s)
+  image = jnp.clip(image * factor(kb, brightness), 0, 1)
+  gray_mean = (image @ _LUMA).mean()
+  image = jnp.clip((image - gray_mean) * factor(kc, contrast) + gray_mean, 0, 1)
+  gray = (image @ _LUMA)[..., None]
+  return jnp.clip((image - gray) * factor(ks, saturation) + gray, 0, 1)
+
+
+def augment_image(key: jax.Array, image: jax.Array, config: AugmentConfig) -> jax.Array:
+  """One float image [H, W, 3] in [0, 1] → augmented, still in [0, 1]."""
+  k_crop, k_color, k_flip = jax.random.split(key, 3)
+  image = random_resized_crop(k_crop, image, config.crop_scale, config.crop_ratio)
+  image = color_jitter(k_color, image, config.brightness, config.contrast, config.saturation)
+  flip = jax.random.bernoulli(k_flip, config.flip_prob)
+  return jnp.where(flip, image[:, ::-1], image)
+
+
+def augment(key: jax.Array, images: jax.Array, config: AugmentConfig = AugmentConfig()) -> jax.Array:
+  """Batch [..., H, W, 3] in [0, 1]: independent augmentation per image."""
+  flat = images.reshape((-1,) + images.shape[-3:])
+  keys = jax.random.split(key, flat.shape[0])
+  out = jax.vmap(augment_image, in_axes=(0, 0, None))(keys, flat, config)
+  return out.reshape(images.shape)

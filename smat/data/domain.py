@@ -1,0 +1,120 @@
+"""The one interface every data source implements.
+
+A *domain* is a set of classes, each a list of images, with a train/val/test class split.
+Sources differ only in how an image id becomes pixels, so a domain is plain data plus a
+picklable `read(image_id) -> uint8 [H, W, 3]` callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from smat.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClass:
+  """One class: its name, an optional group (script/alphabet) and its image ids."""
+
+  name: str
+  image_ids: np.ndarray  # [n] int64, understood by the domain's reader
+  group: str = ""
+
+  @property
+  def size(self) -> int:
+    return len(self.image_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """Classes split into train/val/test, and the reader that turns image ids into pixels.
+
+  `read` must return uint8 RGB [H, W, 3]; image sizes may differ between images.
+  """
+
+  name: str
+  splits: Mapping[str, tuple[ImageClass, ...]]
+  read: Callable[[int], np.ndarray]
+  metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def classes(self, split: str) -> tuple[ImageClass, ...]:
+    if split not in SPLITS:
+      raise DataError(f"split {split!r} is not one of {SPLITS}")
+    return self.splits.get(split, ())
+
+  def describe(self) -> dict[str, Any]:
+    """Classes per split and images per class (min/median/max), plus source metadata."""
+    per_split = {}
+    for split in SPLITS:
+      classes = self.classes(split)
+      sizes = np.array([c.size for c in classes], dtype=np.int64)
+      groups = sorted({c.group for c in classes if c.group})
+      per_split[split] = {
+          "num_classes": len(classes),
+          "num_images": int(sizes.sum()),
+          "images_per_class": (
+              {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())}
+              if len(sizes) else None),
+          "groups": groups,
+      }
+    return {
+        "name": self.name,
+        "num_classes": sum(s["num_classes"] for s in per_split.values()),
+        "num_images": sum(s["num_images"] for s in per_split.values()),
+        "splits": per_split,
+        "metadata": dict(self.metadata),
+    }
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+  """Any PIL image (grayscale, palette, RGBA, CMYK, 16-bit) → uint8 RGB array [H, W, 3].
+
+  Transparent pixels are composited onto white, which is what a viewer shows.
+  """
+  if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(background, rgba)
+  elif image.mode == "I;16" or image.mode == "I":
+    array = np.asarray(image, dtype=np.float64)
+    span = max(array.max() - array.min(), 1.0)
+    image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+  return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def gray_to_rgb(array: np.ndarray) -> np.ndarray:
+  """uint8 [H, W] → uint8 [H, W, 3]."""
+  return np.repeat(array[..., None], 3, axis=-1)
+
+
+def split_classes_by_fraction(
+    classes: Sequence[ImageClass], fractions: tuple[float, float, float], seed: int | list[int]
+) -> dict[str, tuple[ImageClass, ...]]:
+  """Seeded permutation of `classes` cut into train/val/test by `fractions`."""
+  order = np.random.default_rng(seed).permutation(len(classes))
+  n_train = int(round(fractions[0] * len(classes)))
+  n_val = int(round(fractions[1] * len(classes)))
+  picked = [classes[i] for i in order]
+  return {
+      "train": tuple(picked[:n_train]),
+      "val": tuple(picked[n_train:n_train + n_val]),
+      "test": tuple(picked[n_train + n_val:]),
+  }
+
+
+def split_classes_by_count(
+    classes: Sequence[ImageClass], counts: tuple[int, int, int]
+) -> dict[str, tuple[ImageClass, ...]]:
+  """Contiguous train/val/test blocks of `counts` classes (Meta-Dataset's convention)."""
+  if sum(counts) != len(classes):
+    raise DataError(
+        f"class split {counts} needs {sum(counts)} classes but the source has {len(classes)}")
+  a, b = counts[0], counts[0] + counts[1]
+  return {"train": tuple(classes[:a]), "val": tuple(classes[a:b]), "test": tuple(classes[b:])}

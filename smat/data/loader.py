@@ -1,0 +1,159 @@
+"""Deterministic, checkpointable episode streams.
+
+An episode is a pure function of (seed, split, source, index): the index picks the source
+(uniformly, as Meta-Dataset training does) and, with the source's name, seeds the sampler. A
+meta-batch `b` holds episodes `b·B … b·B + B − 1`, so the stream is the same whatever the number
+of loader threads, and its position is one integer (grain's iterator state) that checkpoints
+save and restore. Under multi-host training each process builds its own slice of every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from smat.data import episodes as ep
+from smat.data.domain import Domain
+from smat.errors import DataError
+
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+
+
+def _rng(*words: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
+
+
+def source_code(domain: Domain) -> int:
+  return zlib.crc32(domain.name.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSource:
+  """Random access to the episodes of one or more domains' `split`."""
+
+  domains: tuple[Domain, ...]
+  split: str
+  sampler: object
+  image_size: int
+  seed: int = 0
+  buckets: ep.Buckets | None = None
+
+  def __post_init__(self):
+    if self.split not in _SPLIT_CODE:
+      raise DataError(f"split {self.split!r} is not one of {tuple(_SPLIT_CODE)}")
+    usable = [d for d in self.domains if d.classes(self.split)]
+    if len(usable) != len(self.domains):
+      empty = [d.name for d in self.domains if not d.classes(self.split)]
+      raise DataError(f"{', '.join(empty)}: no {self.split} classes (held-out and evaluation-"
+                      f"only domains have test classes only)")
+    for d in self.domains:
+      self.sampler.check(d.classes(self.split), f"{d.name} [{self.split}]")
+    if self.buckets is None:
+      object.__setattr__(self, "buckets", ep.Buckets.for_sampler(self.sampler))
+
+  def plan(self, index: int):
+    """(domain position, EpisodePlan) of episode `index`, without reading any image."""
+    split = _SPLIT_CODE[self.split]
+    position = int(_rng(self.seed, split, index).integers(len(self.domains)))
+    domain = self.domains[position]
+    rng = _rng(self.seed, split, source_code(domain), index)
+    return position, self.sampler.sample(domain.classes(self.split), rng)
+
+  def episode(self, index: int) -> ep.Episode:
+    position, plan = self.plan(index)
+    bucket = self.buckets.fit(plan.ways, plan.num_support, plan.num_query)
+    return ep.materialize(plan, self.domains[position].read, self.image_size, bucket, position)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSource:
+  """Meta-batch `b` = episodes b·B … b·B + B − 1 (this process's slice of them), stacked."""
+
+  episodes: EpisodeSource
+  batch_size: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if self.batch_size % self.process_count:
+      raise DataError(f"batch_size {self.batch_size} is not divisible by {self.process_count} processes")
+
+  def __call__(self, batch_index: int) -> ep.Episode:
+    local = self.batch_size // self.process_count
+    first = batch_index * self.batch_size + self.process_index * local
+    return ep.stack([self.episodes.episode(first + i) for i in range(local)])
+
+
+def batch_iterator(source: EpisodeSource, batch_size: int, num_batches: int | None = None,
+                   num_threads: int = 2, prefetch: int = 4, process_index: int = 0,
+                   process_count: int = 1, state: dict | None = None):
+  """grain iterator over meta-batches; `get_state()`/`set_state()` give exact resume."""
+  stop = num_batches if num_batches is not None else np.iinfo(np.int64).max // max(batch_size, 1)
+  dataset = grain.MapDataset.range(stop).map(
+      BatchSource(source, batch_size, process_index, process_count))
+  iterator = iter(dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+  if state is not None:
+    iterator.set_state(state)
+  return iterator
+
+
+def fixed_episodes(source: EpisodeSource, count: int, batch_size: int = 1,
+                   num_threads: int = 2) -> list[ep.Episode]:
+  """The first `count` episodes of `source` in batches (e.g. validation episodes)."""
+  if count % batch_size:
+    raise DataError(f"episode count {count} is not divisible by batch size {batch_size}")
+  return list(batch_iterator(source, batch_size, count // batch_size, num_threads=num_threads))
+
+
+def describe_plans(source: EpisodeSource, count: int) -> dict[str, float]:
+  """Ways/shots/query statistics over the first `count` episodes (no image reads)."""
+  plans = [source.plan(i)[1] for i in range(count)]
+  ways = np.array([p.ways for p in plans])
+  shots = np.concatenate([[len(s) for s in p.support] for p in plans])
+  return {"episodes": count, "ways_mean": float(ways.mean()), "ways_min": int(ways.min()),
+          "ways_max": int(ways.max()), "shots_mean": float(shots.mean()),
+          "support_mean": float(np.mean([p.num_support for p in plans])),
+          "query_mean": float(np.mean([p.num_query for p in plans]))}
+
+
+def make_sampler(data_config):
+  """Sampler from a config's `data` section (fields as in configs/glyphs_small.py)."""
+  from smat.data.samplers import FixedSampler, MetaDatasetSampler
+
+  if data_config.sampler == "fixed":
+    return FixedSampler(data_config.ways, data_config.shots, data_config.queries)
+  if data_config.sampler == "md":
+    return MetaDatasetSampler(max_ways=data_config.max_ways, max_support=data_config.max_support,
+                              max_support_per_class=data_config.max_support_per_class,
+                              max_query_per_class=data_config.max_query_per_class)
+  raise DataError(f"config field data.sampler={data_config.sampler!r}: use 'md' or 'fixed'")
+
+
+def throughput(source: EpisodeSource, batch_size: int, num_batches: int, num_threads: int,
+               prefetch: int = 4) -> dict[str, float]:
+  """Episodes/s of the host pipeline (sample, read, resize, pad, stack) after one warm-up batch."""
+  import time
+
+  iterator = batch_iterator(source, batch_size, num_batches + 1, num_threads=num_threads,
+                            prefetch=prefetch)
+  next(iterator)
+  start = time.perf_counter()
+  count = sum(1 for _ in iterator)
+  seconds = time.perf_counter() - start
+  return {"threads": num_threads, "batches": count, "episodes": count * batch_size,
+          "seconds": seconds, "episodes_per_s": count * batch_size / seconds}
+
+
+def episode_source(config, split: str, specs: str | None = None, domains=None) -> EpisodeSource:
+  """EpisodeSource for `split` from a config's data section (domains loaded from `specs`)."""
+  from smat.data.spec import load_domains
+
+  if domains is None:
+    domains = load_domains(specs or config.data.train, config.data_dir or None, seed=config.seed)
+  return EpisodeSource(tuple(domains), split, make_sampler(config.data), config.data.image_size,
+                       seed=config.seed)

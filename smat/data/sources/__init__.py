@@ -1,0 +1,1 @@
+"""Data sources. Each turns its storage into `smat.data.domain.Domain` objects."""

@@ -1,0 +1,63 @@
+"""SPEC strings → domains.
+
+  glyphs:id | glyphs:ood | glyphs:<script>   the offline benchmark (built by `smat data prepare`)
+  fashion_mnist                              Debian's dataset-fashion-mnist (OOD)
+  folder:<path>                              root/<class>/<images> (OOD)
+  tfds:<name>[:<split>]                      TensorFlow Datasets (see sources/tfds_source.py)
+  md_h5:<dir>:<source>                       P>M>F's Meta-Dataset .h5 files
+Several specs may be joined with commas.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from smat.data.domain import Domain
+from smat.errors import DataError
+
+FORMS = ("glyphs:id", "glyphs:ood", "glyphs:<script>", "fashion_mnist", "folder:<path>",
+         "tfds:<name>[:<split>]", "md_h5:<dir>:<source>")
+
+
+def default_data_dir() -> str:
+  return os.environ.get("SMAT_DATA_DIR", str(Path("~/.cache/smat").expanduser()))
+
+
+def load_domain(spec: str, data_dir: str | None = None, skip_corrupt: bool = False,
+                seed: int = 0) -> Domain:
+  """One SPEC (no commas) → its Domain."""
+  data_dir = data_dir or default_data_dir()
+  kind, _, rest = spec.strip().partition(":")
+  if kind == "glyphs" and rest:
+    from smat.data.sources import glyphs
+
+    return glyphs.load_domains(glyphs.find_build(data_dir), rest)
+  if kind == "fashion_mnist" and not rest:
+    from smat.data.sources import fashion_mnist
+
+    return fashion_mnist.load(os.environ.get("SMAT_FASHION_MNIST_DIR"))
+  if kind == "folder" and rest:
+    from smat.data.sources import folder
+
+    return folder.load(rest, skip_corrupt=skip_corrupt)
+  if kind == "tfds" and rest:
+    from smat.data.sources import tfds_source
+
+    return tfds_source.load(rest, data_dir=os.environ.get("TFDS_DATA_DIR"), seed=seed)
+  if kind == "md_h5" and ":" in rest:
+    from smat.data.sources import md_h5
+
+    root, source = rest.rsplit(":", 1)
+    return md_h5.load(root, source)
+  raise DataError(f"unknown data SPEC {spec!r}; expected one of: {', '.join(FORMS)} "
+                  f"(comma-separate several)")
+
+
+def load_domains(specs: str, data_dir: str | None = None, skip_corrupt: bool = False,
+                 seed: int = 0) -> list[Domain]:
+  """A comma-separated SPEC list → domains, in order."""
+  parts = [s for s in specs.split(",") if s.strip()]
+  if not parts:
+    raise DataError(f"empty data SPEC; expected one of: {', '.join(FORMS)}")
+  return [load_domain(s, data_dir, skip_corrupt, seed) for s in parts]
