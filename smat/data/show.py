@@ -21,7 +21,8 @@ def episode_grid(episode: Episode, cell: int = 64, max_per_row: int = 12) -> Ima
     for k in range(ways):
       picked = images[(labels == k) & mask][:max_per_row]
       rows.append((f"{what} {k}", list(picked)))
-  width = _LABEL_WIDTH + max_per_row * (cell + _GAP)
+  columns = max((len(images) for _, images in rows), default=1)
+  width = _LABEL_WIDTH + columns * (cell + _GAP)
   canvas = Image.new("RGB", (width, len(rows) * (cell + _GAP)), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   for r, (label, images) in enumerate(rows):

@@ -341,19 +341,29 @@ class GlyphReader:
     return GlyphReader, (self.path,)
 
 
-def find_build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
-               font_dir: str = FONT_DIR) -> Path:
-  """Directory of a finished build for `config`, or a DataError telling how to make one."""
+def find_build(data_dir: str | os.PathLike, font_dir: str = FONT_DIR) -> Path:
+  """The build that `glyphs:` specs read.
+
+  Order: $SMAT_GLYPHS_BUILD; the default-config build; the only finished build in data_dir.
+  """
+  if os.environ.get("SMAT_GLYPHS_BUILD"):
+    path = Path(os.environ["SMAT_GLYPHS_BUILD"])
+    if not (path / "metadata.json").exists():
+      raise DataError(f"SMAT_GLYPHS_BUILD={path}: not a finished glyphs build (no metadata.json)")
+    return path
   root = Path(data_dir) / "glyphs"
   try:
-    path = dataset_dir(data_dir, config, font_dir)
+    default = dataset_dir(data_dir, GlyphsConfig(), font_dir)
+    if (default / "metadata.json").exists():
+      return default
   except DataError:
-    path = None  # fonts gone since the build: fall back to any finished build
-  if path is not None and (path / "metadata.json").exists():
-    return path
-  builds = sorted(p for p in root.glob(f"s{config.size}-*") if (p / "metadata.json").exists())
-  if path is None and len(builds) == 1:
+    pass  # fonts removed since the build: any finished build still works
+  builds = sorted(p for p in root.glob("s*-*") if (p / "metadata.json").exists())
+  if len(builds) == 1:
     return builds[0]
+  if builds:
+    raise DataError(f"several glyphs builds in {root} ({', '.join(p.name for p in builds)}); "
+                    f"choose one with SMAT_GLYPHS_BUILD=<dir>")
   raise DataError(f"glyphs benchmark not built in {root}: run `smat data prepare glyphs "
                   f"--data-dir {data_dir}` first")
 
