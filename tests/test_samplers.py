@@ -190,3 +190,9 @@ def test_fixed_sampler_check_errors():
     FixedSampler(ways=5, shots=2, queries=2).check(classes, "toy")
   with pytest.raises(SamplerError, match="ways ≥ 1, shots ≥ 1"):
     FixedSampler(ways=5, shots=0).check(classes, "toy")
+
+
+def test_md_sampler_rejects_a_support_budget_below_the_ways():
+  classes = [ImageClass(f"c{i}", np.arange(i * 20, i * 20 + 20)) for i in range(10)]
+  with pytest.raises(SamplerError, match="max_ways ≤ max_support"):
+    MetaDatasetSampler(max_ways=10, max_support=8).check(classes, "toy")

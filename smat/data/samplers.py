@@ -120,6 +120,9 @@ class MetaDatasetSampler:
   within_group: bool = True
 
   def check(self, classes: Sequence[ImageClass], where: str) -> None:
+    if not 1 <= self.min_ways <= self.max_ways <= self.max_support:
+      raise SamplerError(f"sampler: need 1 ≤ min_ways ≤ max_ways ≤ max_support (every way gets a "
+                         f"support image), got {self.min_ways}, {self.max_ways}, {self.max_support}")
     pool = (max((len(g) for g in _group_members(classes, 1)), default=0)
             if self.within_group and any(c.group for c in classes) else len(classes))
     if pool < self.min_ways:

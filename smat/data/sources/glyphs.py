@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -279,7 +280,9 @@ def build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
   workers = workers or min(len(jobs), os.cpu_count() or 1)
   rendered: dict[str, list[tuple[int, np.ndarray]]] = {}
   from tqdm import tqdm
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+  # spawn, not fork: forking a process that already runs JAX's threads can deadlock.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
     # Largest scripts first so the pool stays busy; results are re-ordered below.
     order = sorted(jobs, key=lambda j: -len(j[1]))
     for script, kept in tqdm(pool.map(_render_script, order), total=len(order),

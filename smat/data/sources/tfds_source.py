@@ -59,16 +59,17 @@ def _data_source(name: str, split: str, data_dir: str | None):
   """A random-access source, from the registered builder or straight from prepared files."""
   tfds = _tfds()
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-    versions = sorted((root / name).glob("*.*.*"))
-    if not versions:
-      raise DataError(
-          f"tfds:{name}: builder not registered and no prepared files under {root / name}; "
-          f"prepare it first (see README, 'Real data')") from None
-    return tfds.builder_from_directory(str(versions[-1])).as_data_source(split=split)
-  except (FileNotFoundError, AssertionError, ValueError) as e:
+    try:
+      return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+      root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+      versions = sorted((root / name).glob("*.*.*"))
+      if not versions:
+        raise DataError(
+            f"tfds:{name}: builder not registered and no prepared files under {root / name}; "
+            f"prepare it first (see README, 'Real data')") from None
+      return tfds.builder_from_directory(str(versions[-1])).as_data_source(split=split)
+  except (OSError, AssertionError, ValueError, NotImplementedError) as e:
     raise DataError(f"tfds:{name}[{split}]: cannot open ({e}); prepare it with "
                     f"`tfds build {name} --file_format=array_record` (see README)") from None
 
