@@ -150,10 +150,15 @@ def throughput(source: EpisodeSource, batch_size: int, num_batches: int, num_thr
 
 
 def episode_source(config, split: str, specs: str | None = None, domains=None) -> EpisodeSource:
-  """EpisodeSource for `split` from a config's data section (domains loaded from `specs`)."""
+  """EpisodeSource for `split` from a config's data section.
+
+  Domains come from `domains`, else `specs`, else the config's `data.val` for the val split and
+  `data.train` otherwise.
+  """
   from smat.data.spec import load_domains
 
   if domains is None:
-    domains = load_domains(specs or config.data.train, config.data_dir or None, seed=config.seed)
+    specs = specs or (config.data.val if split == "val" else config.data.train)
+    domains = load_domains(specs, config.data_dir or None, seed=config.seed)
   return EpisodeSource(tuple(domains), split, make_sampler(config.data), config.data.image_size,
                        seed=config.seed)
