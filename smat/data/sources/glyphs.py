@@ -257,9 +257,12 @@ def _debian_version(package: str) -> str | None:
   return out.stdout.strip() or None
 
 
-def dataset_dir(data_dir: str | os.PathLike, config: GlyphsConfig, font_dir: str = FONT_DIR) -> Path:
-  fonts = describe_fonts(font_files(font_dir))
+def _build_dir(data_dir: str | os.PathLike, config: GlyphsConfig, fonts) -> Path:
   return Path(data_dir) / "glyphs" / f"s{config.size}-{config.cache_key(fonts)}"
+
+
+def dataset_dir(data_dir: str | os.PathLike, config: GlyphsConfig, font_dir: str = FONT_DIR) -> Path:
+  return _build_dir(data_dir, config, describe_fonts(font_files(font_dir)))
 
 
 def build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
@@ -272,7 +275,7 @@ def build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
   """
   files = font_files(font_dir)
   fonts = describe_fonts(files)
-  out = Path(data_dir) / "glyphs" / f"s{config.size}-{config.cache_key(fonts)}"
+  out = _build_dir(data_dir, config, fonts)
   if (out / "metadata.json").exists():
     return out
   scripts = letters_by_script(files, config)
