@@ -23,9 +23,10 @@ def test_script_of(char, script):
 def test_render_instance_is_seeded_and_jittered():
   font = str(glyphs.font_files()[0].parent / "NotoSans-Regular.ttf")
   config = glyphs.GlyphsConfig(size=24)
-  a = glyphs.render_instance("A", font, (0, 65, 0), config)
-  b = glyphs.render_instance("A", font, (0, 65, 0), config)
-  c = glyphs.render_instance("A", font, (0, 65, 1), config)
+  ink = glyphs.ink_of("A", font, 4 * config.size)
+  a = glyphs.render_instance(ink, (0, 65, 0), config)
+  b = glyphs.render_instance(ink, (0, 65, 0), config)
+  c = glyphs.render_instance(ink, (0, 65, 1), config)
   assert a.shape == (24, 24) and a.dtype == np.uint8
   np.testing.assert_array_equal(a, b)
   assert np.abs(a.astype(int) - c.astype(int)).sum() > 0

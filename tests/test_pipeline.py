@@ -1,6 +1,7 @@
 """End to end: the README's main job on the real offline benchmark (full glyphs build)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,7 @@ from smat import pipeline
 from smat.data.sources import fashion_mnist
 
 
-@pytest.mark.skipif(not fashion_mnist.Path(fashion_mnist.DEFAULT_DIR).exists(),
+@pytest.mark.skipif(not Path(fashion_mnist.DEFAULT_DIR).exists(),
                     reason="needs Debian's dataset-fashion-mnist (bootstrap.sh installs it)")
 def test_reproduce_builds_describes_and_measures(tmp_path):
   summary = pipeline.reproduce(str(tmp_path / "run"), str(tmp_path / "data"))

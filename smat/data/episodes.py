@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from smat.data.samplers import EpisodePlan
+from smat.data.samplers import EpisodePlan, FixedSampler
 from smat.errors import SamplerError
 
 DEFAULT_SIZE_BUCKETS = (32, 64, 128, 256, 512)
@@ -51,7 +51,7 @@ class Buckets:
   def for_sampler(cls, sampler, sizes: Sequence[int] = DEFAULT_SIZE_BUCKETS) -> "Buckets":
     """Fixed samplers get their one exact shape; variable ones geometric buckets up to the max."""
     ways, support, query = sampler.max_shape()
-    if hasattr(sampler, "shots"):
+    if isinstance(sampler, FixedSampler):
       return cls(ways, (support,), (query,))
     fit = lambda n: tuple(sorted({s for s in sizes if s < n} | {n}))
     return cls(ways, fit(support), fit(query))

@@ -193,14 +193,12 @@ def jitter_affine(rng: np.random.Generator, ink_size: tuple[int, int], side: int
   return (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
 
 
-def render_instance(char: str, font_path: str, seed_words: Sequence[int],
+def render_instance(ink: Image.Image, seed_words: Sequence[int],
                     config: GlyphsConfig) -> np.ndarray | None:
-  """One instance: uint8 [size, size] ink (0 = paper, 255 = ink), or None for an empty glyph."""
+  """One jittered instance of a letter's ink (from `ink_of` at 4 × size): uint8 [size, size]
+  (0 = paper, 255 = ink), or None when the jitter leaves nothing visible."""
   rng = np.random.default_rng(np.random.SeedSequence(list(seed_words)))
   side = 4 * config.size
-  ink = ink_of(char, font_path, side)
-  if ink is None:
-    return None
   affine = jitter_affine(rng, ink.size, side, config)
   image = ink.transform((side, side), Image.Transform.AFFINE, affine,
                         resample=Image.Resampling.BILINEAR, fillcolor=0)
@@ -217,15 +215,14 @@ def render_instance(char: str, font_path: str, seed_words: Sequence[int],
 
 def render_class(codepoint: int, fonts: Sequence[str], config: GlyphsConfig) -> np.ndarray | None:
   """All `instances` images of one letter [instances, size, size], or None if too few fonts draw it."""
-  char = chr(codepoint)
-  drawing = [f for f in fonts if ink_of(char, f, 4 * config.size) is not None]
-  if len(drawing) < config.min_fonts:
+  inks = [ink for f in fonts if (ink := ink_of(chr(codepoint), f, 4 * config.size)) is not None]
+  if len(inks) < config.min_fonts:
     return None
   images = []
   attempt = 0
   while len(images) < config.instances:
-    font = drawing[attempt % len(drawing)]
-    image = render_instance(char, font, (config.seed, codepoint, attempt), config)
+    ink = inks[attempt % len(inks)]
+    image = render_instance(ink, (config.seed, codepoint, attempt), config)
     attempt += 1
     if image is not None:
       images.append(image)

@@ -63,7 +63,8 @@ def _data_source(name: str, split: str, data_dir: str | None):
       return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.registered.DatasetNotFoundError:
       root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-      versions = sorted((root / name).glob("*.*.*"))
+      versions = sorted((root / name).glob("*.*.*"),
+                        key=lambda p: tuple(int(x) if x.isdigit() else -1 for x in p.name.split(".")))
       if not versions:
         raise DataError(
             f"tfds:{name}: builder not registered and no prepared files under {root / name}; "
