@@ -4,6 +4,15 @@
   smat data prepare glyphs             build the offline glyphs benchmark (cached)
   smat data describe SPEC [--json]     classes per split, images per class, metadata
   smat data show SPEC --out FILE.png   one sampled episode as an image grid
+  smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
+  smat import-backbone --format timm|hf --weights F.safetensors --arch vit_s16|vit_b16 --out D
+                                       DINO weights → a backbone directory
+  smat embed --backbone B --images DIR --out F.npz
+                                       backbone features of an image folder
+
+Configs: --config configs/<name>.py[:smoke] plus any number of --config.FIELD=VALUE overrides.
+BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safetensors file
+      with --format timm|hf --arch vit_s16|vit_b16.
 
 SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
       tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed)
@@ -101,6 +110,48 @@ def _cmd_reproduce(args) -> None:
   pipeline.reproduce(args.workdir, args.data_dir, config_path=args.config)
 
 
+def _cmd_pretrain(args) -> None:
+  from smat import config, pretrain
+
+  result = pretrain.pretrain(config.load(args.config, args.overrides), args.workdir)
+  print(f"backbone: {args.workdir}/backbone")
+  print(result["table"])
+
+
+def _cmd_import_backbone(args) -> None:
+  from smat.models import checkpoint, convert
+
+  overrides = {} if args.layer_norm_eps is None else {"layer_norm_eps": args.layer_norm_eps}
+  params, config = checkpoint.load(args.weights, args.format, args.arch, **overrides)
+  checkpoint.save(args.out, params, config, source=args.weights, format=args.format,
+                  arch=args.arch)
+  print(f"{args.out}: {args.arch} from {args.format} weights "
+        f"(layer_norm_eps {config.layer_norm_eps}, {config.image_size} px position embeddings)")
+
+
+def _cmd_embed(args) -> None:
+  import numpy as np
+
+  from smat import embed
+  from smat.models import checkpoint
+
+  params, config = checkpoint.load(args.backbone, args.format, args.arch)
+  features, paths = embed.embed_folder(params, config, args.images, args.image_size,
+                                       args.batch_size)
+  np.savez(args.out, features=features, paths=np.asarray(paths))
+  print(f"{args.out}: features {features.shape} for {len(paths)} images")
+
+
+def _backbone_args(parser: argparse.ArgumentParser, required: bool) -> None:
+  from smat.models import convert, vit
+
+  parser.add_argument("--format", choices=convert.FORMATS, required=required,
+                      help="weight layout of a .safetensors file: timm "
+                           "(vit_small_patch16_224.dino) or hf (facebook/dino-vits16)")
+  parser.add_argument("--arch", choices=sorted(vit.PRESETS), required=required,
+                      help="architecture of a .safetensors file")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="smat", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,11 +205,42 @@ def build_parser() -> argparse.ArgumentParser:
   show.add_argument("--skip-corrupt", action="store_true")
   _data_dir_arg(show)
   show.set_defaults(run=_cmd_show)
+
+  pretrain = commands.add_parser(
+      "pretrain", help="supervised pre-training of a backbone on the meta-training classes",
+      description="Train a ViT with a linear head on every training-class image, resume from "
+                  "<workdir>/checkpoints, export <workdir>/backbone and report zero-shot "
+                  "ProtoNet accuracy (<workdir>/fewshot.json). Add --config.FIELD=VALUE to "
+                  "override config fields.")
+  pretrain.add_argument("--config", default="configs/pretrain_glyphs.py")
+  pretrain.add_argument("--workdir", required=True)
+  pretrain.set_defaults(run=_cmd_pretrain)
+
+  imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")
+  _backbone_args(imp, required=True)
+  imp.add_argument("--weights", required=True, help="the .safetensors file")
+  imp.add_argument("--out", required=True, help="backbone directory to write")
+  imp.add_argument("--layer-norm-eps", type=float, default=None,
+                   help="override LayerNorm epsilon (default: timm 1e-6, hf 1e-12)")
+  imp.set_defaults(run=_cmd_import_backbone)
+
+  emb = commands.add_parser("embed", help="backbone CLS features of every image in a folder")
+  emb.add_argument("--backbone", required=True, help="backbone directory or .safetensors file")
+  _backbone_args(emb, required=False)
+  emb.add_argument("--images", required=True, help="folder of images (searched recursively)")
+  emb.add_argument("--out", required=True, help="output .npz with features [N, D] and paths")
+  emb.add_argument("--image-size", type=int, default=None,
+                   help="input size (default: the backbone's; others interpolate positions)")
+  emb.add_argument("--batch-size", type=int, default=64)
+  emb.set_defaults(run=_cmd_embed)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  overrides = [a for a in argv if a.startswith("--config.")]
+  args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+  args.overrides = overrides
   try:
     args.run(args)
   except SmatError as e:

@@ -1,0 +1,1 @@
+"""Backbones: the ViT family, weight import and backbone checkpoints."""

@@ -1,0 +1,308 @@
+"""Supervised pre-training of a backbone on the meta-training classes: the stand-in for DINO.
+
+Machines that cannot download DINO weights still need a θ_pre with a useful few-shot
+representation. This trains the ViT with a linear head (discarded afterwards) by cross-entropy
+on every image of the training classes of `config.data.train`, then writes
+`<workdir>/backbone/` (usable by every command that takes `--backbone`) and a zero-shot
+ProtoNet report on the test classes.
+
+Exact resume with nothing but the step: batch `s` is a pure function of (seed, s) (one seeded
+permutation of the images per epoch) and the augmentation key is `fold_in(key, s)`, so a run
+restarted from its latest checkpoint replays the same batches and keys.
+
+Resume order: (1) the latest checkpoint in `<workdir>/checkpoints`, (2) a fresh start.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import math
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from smat import fewshot
+from smat.data import augment as aug
+from smat.data.episodes import resize
+from smat.data.spec import load_domains
+from smat.errors import SmatError
+from smat.models import checkpoint, vit
+
+
+class TrainState(NamedTuple):
+  params: dict  # {"backbone": ViT params, "head": {"kernel", "bias"}}
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+class ClassificationData:
+  """Random access to labelled batches of the images of the `split` classes of `domains`."""
+
+  def __init__(self, domains, split: str, image_size: int, batch_size: int, seed: int):
+    self.domains = tuple(domains)
+    self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+    self.class_names = [f"{domain.name}/{c.name}" for domain in self.domains
+                        for c in domain.classes(split)]
+    items, labels, label = [], [], 0
+    for d, domain in enumerate(self.domains):
+      for image_class in domain.classes(split):
+        items.extend((d, int(i)) for i in image_class.image_ids)
+        labels.extend([label] * image_class.size)
+        label += 1
+    if not items:
+      raise SmatError(f"no {split} images in {', '.join(d.name for d in self.domains)}")
+    self.items = items
+    self.labels = np.asarray(labels, np.int32)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  @functools.lru_cache(maxsize=4)
+  def _order(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([self.seed, 7, epoch]))
+    return rng.permutation(len(self.items))
+
+  def indices(self, step: int) -> np.ndarray:
+    """Image indices of batch `step`: consecutive slices of per-epoch permutations."""
+    positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    epochs, offsets = np.divmod(positions, len(self.items))
+    return np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets)])
+
+  def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [B, S, S, 3], labels int32 [B]) of batch `step`."""
+    idx = self.indices(step)
+    images = np.stack([resize(self.domains[d].read(i), self.image_size)
+                       for d, i in (self.items[j] for j in idx)])
+    return images, self.labels[idx]
+
+
+def prefetch(fn, steps, depth: int = 4):
+  """Yield fn(step) for `steps`, computed `depth` steps ahead on a background thread."""
+  steps = list(steps)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = [pool.submit(fn, s) for s in steps[:depth]]
+    for i in range(len(steps)):
+      if i + depth < len(steps):
+        pending.append(pool.submit(fn, steps[i + depth]))
+      yield pending.pop(0).result()
+
+
+def lr_schedule(config) -> optax.Schedule:
+  p = config.pretrain
+  return optax.warmup_cosine_decay_schedule(0.0, p.lr, p.warmup_steps,
+                                            max(p.steps, p.warmup_steps + 1),
+                                            end_value=p.lr * p.final_lr_fraction)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with warm-up + cosine decay and global-norm clipping; no decay on biases/norms/embeds."""
+  p = config.pretrain
+  schedule = lr_schedule(config)
+  decay = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", "") == "kernel", params)
+  return optax.chain(optax.clip_by_global_norm(p.grad_clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=p.weight_decay,
+                                 mask=decay))
+
+
+def augment_config(config) -> aug.AugmentConfig:
+  p = config.pretrain
+  return aug.AugmentConfig(crop_scale=tuple(p.crop_scale), crop_ratio=(3 / 4, 4 / 3),
+                           brightness=p.color_jitter, contrast=p.color_jitter,
+                           saturation=p.color_jitter, flip_prob=p.flip_prob)
+
+
+def head_logits(head: dict, features: jax.Array, cosine_scale: float) -> jax.Array:
+  """Linear head, or (cosine_scale > 0) scale · cos(feature, class weight) as in Baseline++."""
+  if cosine_scale > 0:
+    unit = lambda x, axis: x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-6)
+    return cosine_scale * unit(features, -1) @ unit(head["kernel"], 0)
+  return features @ head["kernel"] + head["bias"]
+
+
+def loss_fn(params, images, labels, key, vit_config: vit.ViTConfig,
+            augmentation: aug.AugmentConfig | None, label_smoothing: float,
+            cosine_scale: float):
+  x = aug.to_float(images)
+  if augmentation is not None:
+    x = aug.augment(key, x, augmentation)
+  features = vit.forward(params["backbone"], vit.preprocess(x, vit_config), vit_config)
+  logits = head_logits(params["head"], features, cosine_scale)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  loss = optax.softmax_cross_entropy(logits, targets).mean()
+  accuracy = (logits.argmax(-1) == labels).mean()
+  return loss, accuracy
+
+
+def train_step(state: TrainState, images, labels, key, *, optimizer, vit_config,
+               augmentation, label_smoothing, cosine_scale):
+  """One pure optimiser step; the step's key is fold_in(key, step)."""
+  step_key = jax.random.fold_in(key, state.step)
+  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, images, labels, step_key, vit_config, augmentation, label_smoothing,
+      cosine_scale)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+  return TrainState(params, opt_state, state.step + 1), metrics
+
+
+def backbone_config(config) -> vit.ViTConfig:
+  b = config.backbone
+  return vit.get_config(b.arch, image_size=config.data.image_size, dtype=b.dtype, remat=b.remat)
+
+
+def init_state(config, num_classes: int, optimizer) -> TrainState:
+  """Backbone from `vit.init`; head zero-initialised (linear) or N(0, 0.02) (cosine)."""
+  vit_config = backbone_config(config)
+  key, head_key = jax.random.split(jax.random.key(config.seed))
+  shape = (vit_config.width, num_classes)
+  kernel = (0.02 * jax.random.normal(head_key, shape) if config.pretrain.cosine_head_scale > 0
+            else jnp.zeros(shape))
+  params = {"backbone": vit.init(vit_config, key),
+            "head": {"kernel": kernel,
+                     "bias": jnp.zeros((num_classes,))}}
+  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def _checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.pretrain.keep_checkpoints,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def _save(manager, state: TrainState) -> None:
+  import orbax.checkpoint as ocp
+
+  manager.save(int(state.step), args=ocp.args.StandardSave(state._asdict()), force=True)
+
+
+def _restore(manager, state: TrainState) -> TrainState:
+  import orbax.checkpoint as ocp
+
+  step = manager.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return TrainState(**restored)
+
+
+class MetricsLog:
+  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tensorboard`)."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter
+
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+    for name, value in scalars.items():
+      self.tb.add_scalar(name, value, step)
+
+  def close(self):
+    self.jsonl.close()
+    self.tb.close()
+
+
+def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool = True) -> dict:
+  """Train (or resume) to `config.pretrain.steps`; export the backbone; report few-shot accuracy.
+
+  `stop_after` ends this invocation after that many total steps (as a crash would) — the next
+  call resumes from the latest checkpoint.
+  """
+  from tqdm.auto import tqdm
+
+  os.makedirs(workdir, exist_ok=True)
+  p = config.pretrain
+  domains = load_domains(config.data.train, config.data_dir or None, seed=config.seed)
+  data = ClassificationData(domains, "train", config.data.image_size, p.batch_size, config.seed)
+  vit_config = backbone_config(config)
+  optimizer = make_optimizer(config)
+
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  if p.batch_size % mesh.size:
+    raise SmatError(f"config field pretrain.batch_size={p.batch_size} is not divisible by the "
+                    f"{mesh.size} devices; pick a multiple of {mesh.size}")
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step_fn = jax.jit(
+      functools.partial(train_step, optimizer=optimizer, vit_config=vit_config,
+                        augmentation=augment_config(config) if p.augment else None,
+                        label_smoothing=p.label_smoothing, cosine_scale=p.cosine_head_scale),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+
+  state = jax.device_put(init_state(config, data.num_classes, optimizer), replicated)
+  manager = _checkpoint_manager(workdir, config)
+  state = _restore(manager, state)
+  start = int(state.step)
+  end = p.steps if stop_after is None else min(stop_after, p.steps)
+  key = jax.random.key(config.seed + 1)
+  log = MetricsLog(workdir)
+  to_device = lambda batch: tuple(jax.make_array_from_process_local_data(sharded, x)
+                                  for x in batch)
+  bar = tqdm(total=p.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
+  last_time, last_step = time.perf_counter(), start
+  try:
+    for step, batch in zip(range(start, end), prefetch(data.batch, range(start, end))):
+      images, labels = to_device(batch)
+      state, metrics = step_fn(state, images, labels, key)
+      done = step + 1
+      if done % p.log_every == 0 or done == end or done % p.checkpoint_every == 0:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(map(math.isfinite, metrics.values())):
+          good = manager.latest_step()
+          raise SmatError(f"non-finite loss or gradient at step {done} ({metrics}); the last good "
+                          f"checkpoint is step {good} in {workdir}/checkpoints. Lower "
+                          f"pretrain.lr or raise pretrain.warmup_steps and run again.")
+        now = time.perf_counter()
+        metrics["images_per_s"] = (done - last_step) * p.batch_size / max(now - last_time, 1e-9)
+        metrics["lr"] = float(lr_schedule(config)(done))
+        last_time, last_step = now, done
+        log.write(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        if done % p.checkpoint_every == 0 or done == end:
+          _save(manager, state)
+      bar.update(1)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    log.close()
+  if int(state.step) < p.steps:
+    return {"stopped_at": int(state.step)}
+  return finish(config, workdir, state.params["backbone"], vit_config, progress)
+
+
+def finish(config, workdir: str, params, vit_config: vit.ViTConfig, progress: bool) -> dict:
+  """Export `<workdir>/backbone` and write the zero-shot report `<workdir>/fewshot.json`."""
+  checkpoint.save(os.path.join(workdir, "backbone"), params, vit_config.replace(dtype="float32"),
+                  source="smat pretrain", train=config.data.train, steps=config.pretrain.steps)
+  e = config.eval
+  groups = {spec: load_domains(spec, config.data_dir or None, seed=config.seed)
+            for spec in e.domains.split(",")}
+  start = time.perf_counter()
+  report = fewshot.protonet_report(params, vit_config, groups, config.data.image_size,
+                                   shots=tuple(e.shots), ways=e.ways, queries=e.queries,
+                                   episodes=e.episodes, seed=config.seed, progress=progress)
+  result = {"report": report, "table": fewshot.report_table(report),
+            "eval_seconds": time.perf_counter() - start}
+  with open(os.path.join(workdir, "fewshot.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result

@@ -1,0 +1,403 @@
+"""The ViT backbone: parameter counts, timm/HF import against reference outputs, position-embedding
+interpolation, weight-file errors, numerics switches, checkpoints and `smat embed`."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from smat import cli, embed
+from smat.errors import DataError, SmatError
+from smat.models import checkpoint, convert, vit
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vit"
+EPS = {"timm": 1e-6, "hf": 1e-12}
+_forward = jax.jit(vit.forward, static_argnums=2)
+
+
+def fixture_config(fmt: str = "timm", **overrides) -> vit.ViTConfig:
+  """The architecture of `tests/fixtures/make_vit_fixture.py`."""
+  return vit.ViTConfig(patch_size=8, width=48, depth=2, num_heads=3, mlp_dim=192, image_size=32,
+                       layer_norm_eps=EPS[fmt], **overrides)
+
+
+def features(params, images, config):
+  return np.asarray(_forward(params, vit.preprocess(jnp.asarray(images), config), config))
+
+
+def max_diff(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def tree_max_diff(a, b) -> float:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return max(max_diff(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def timm():
+  """(params, config, reference arrays) of the imported timm fixture."""
+  config = fixture_config("timm")
+  params = convert.import_safetensors(str(FIXTURES / "timm.safetensors"), "timm", config)
+  return params, config, dict(np.load(FIXTURES / "timm.npz"))
+
+
+@pytest.fixture(scope="module")
+def timm_tensors():
+  from safetensors.numpy import load_file
+
+  return load_file(str(FIXTURES / "timm.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def saved_backbone(timm, tmp_path_factory):
+  params, config, _ = timm
+  directory = tmp_path_factory.mktemp("ckpt") / "bb"
+  checkpoint.save(str(directory), params, config, source="timm.safetensors", format="timm")
+  return directory
+
+
+# 1. Parameter counts and shapes (no weights are allocated).
+
+@pytest.mark.parametrize("arch, count", [("vit_s16", 21_665_664), ("vit_b16", 85_798_656)])
+def test_param_counts_match_timm_dino(arch, count):
+  assert vit.count_params(vit.param_shapes(vit.get_config(arch))) == count
+
+
+def test_param_shapes_vit_s16():
+  shapes = vit.param_shapes(vit.get_config("vit_s16"))
+  assert shapes["blocks"]["attn"]["query"]["kernel"].shape == (12, 384, 384)
+  assert shapes["blocks"]["attn"]["proj"]["bias"].shape == (12, 384)
+  assert shapes["blocks"]["fc1"]["kernel"].shape == (12, 384, 1536)
+  assert shapes["blocks"]["norm1"]["scale"].shape == (12, 384)
+  assert shapes["pos_embed"].shape == (1, 197, 384)
+  assert shapes["cls_token"].shape == (1, 1, 384)
+  assert shapes["patch_embed"]["kernel"].shape == (16, 16, 3, 384)
+  assert shapes["norm"]["scale"].shape == (384,)
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(shapes))
+
+
+# 2. Import equality with the reference implementations.
+
+@pytest.mark.parametrize("size", [32, 24, 40])
+def test_timm_import_matches_reference(timm, size):
+  params, config, ref = timm
+  out = features(params, ref[f"images_{size}"], config)
+  assert out.shape == (4, 48) and out.dtype == np.float32
+  assert max_diff(out, ref[f"features_{size}"]) <= 1e-4
+
+
+def test_hf_import_matches_reference():
+  config = fixture_config("hf")
+  path = str(FIXTURES / "hf.safetensors")
+  params = convert.import_safetensors(path, "hf", config)  # its pooler is skipped
+  ref = np.load(FIXTURES / "hf.npz")
+  assert max_diff(features(params, ref["images_32"], config), ref["features_32"]) <= 1e-4
+  # ViTForImageClassification-style files prefix the backbone with `vit.`.
+  prefixed = {"vit." + k: v for k, v in convert.read_safetensors(path).items()}
+  assert tree_max_diff(convert.convert(prefixed, "hf", config), params) == 0
+
+
+# 3. Backbone directories.
+
+def test_checkpoint_round_trip_is_bit_identical(timm, saved_backbone):
+  params, config, _ = timm
+  loaded, loaded_config = checkpoint.load(str(saved_backbone))
+  assert loaded_config == config
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    a = np.asarray(a)
+    assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+  meta = json.loads((saved_backbone / "backbone.json").read_text())
+  assert meta["source"] == "timm.safetensors" and meta["format"] == "timm"
+  _, bf16_config = checkpoint.load(str(saved_backbone), dtype="bfloat16")
+  assert bf16_config == config.replace(dtype="bfloat16")
+
+
+# 4. Position-embedding interpolation.
+
+def test_resample_pos_embed_is_identity_at_native_grid():
+  pos = jax.random.normal(jax.random.key(0), (1, 197, 384))
+  out = vit.resample_pos_embed(pos, 14, 14)
+  assert out.shape == pos.shape and np.array_equal(np.asarray(out), np.asarray(pos))
+
+
+def test_resample_pos_embed_other_grid_keeps_cls_and_constants():
+  pos = jnp.concatenate([jnp.full((1, 1, 8), 5.0), jnp.full((1, 196, 8), 2.0)], axis=1)
+  out = np.asarray(vit.resample_pos_embed(pos, 3, 5))
+  assert out.shape == (1, 1 + 15, 8)
+  assert np.all(out[0, 0] == 5.0)
+  np.testing.assert_allclose(out[0, 1:], 2.0, atol=1e-5)
+
+
+def test_cubic_resize_matrix_identity_at_scale_one():
+  for n in (1, 2, 5, 14):
+    np.testing.assert_array_equal(vit.cubic_resize_matrix(n, n, 1.0), np.eye(n, dtype=np.float32))
+
+
+@pytest.mark.parametrize("n_in, n_out", [(14, 8), (14, 20), (4, 7)])
+def test_cubic_resize_matrix_rows_sum_to_one(n_in, n_out):
+  weights = vit.cubic_resize_matrix(n_in, n_out, (n_out + 0.1) / n_in)
+  assert weights.shape == (n_out, n_in)
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_in, n_out, scale", [(14, 8, 8 / 14), (14, 20, 20 / 14),
+                                                 (14, 8, 8.1 / 14), (10, 31, 31 / 10)])
+def test_cubic_resize_of_a_linear_ramp_in_the_interior(n_in, n_out, scale):
+  """Ramp 0..n-1 → source coordinate s plus Keys' first-moment error −(2a+1)·t(1−t)(1−2t).
+
+  With PyTorch's a = −0.75 that is ½·t(1−t)(1−2t), t = s − ⌊s⌋ (only a = −0.5 reproduces
+  linear functions exactly), e.g. 2.125 → 2.125 + ½·⅛·⅞·¾ = 2.166015625.
+  """
+  weights = vit.cubic_resize_matrix(n_in, n_out, scale)
+  resized = weights.astype(np.float64) @ np.arange(n_in)
+  source = (np.arange(n_out) + 0.5) / scale - 0.5
+  t = source - np.floor(source)
+  interior = (np.floor(source) - 1 >= 0) & (np.floor(source) + 2 <= n_in - 1)
+  assert interior.sum() >= n_out // 2
+  expected = source + 0.5 * t * (1 - t) * (1 - 2 * t)
+  np.testing.assert_allclose(resized[interior], expected[interior], atol=1e-5)
+
+
+def test_cubic_resize_clamps_taps_at_the_border():
+  """Row 0 of 14 → 20: source −0.15, taps at −2, −1, 0, 1; the first three clamp to pixel 0.
+
+  Pixel 1 gets the far lobe at distance 1.15: ((a·1.15 − 5a)·1.15 + 8a)·1.15 − 4a = −0.08128125.
+  """
+  row = vit.cubic_resize_matrix(14, 20, 20 / 14)[0]
+  np.testing.assert_allclose(row[:2], [1.08128125, -0.08128125], atol=1e-6)
+  assert np.all(row[2:] == 0)
+
+
+def test_cubic_resize_halving_reproduces_a_ramp_exactly():
+  """Scale ½ samples half-way between source pixels (t = ½), where the kernel is symmetric."""
+  resized = vit.cubic_resize_matrix(16, 8, 0.5) @ np.arange(16, dtype=np.float32)
+  np.testing.assert_allclose(resized[1:-1], 2 * np.arange(1, 7) + 0.5, atol=1e-5)
+
+
+# 5. Weight files that do not fit.
+
+def test_timm_file_read_as_hf_lists_missing_and_unexpected_keys():
+  with pytest.raises(convert.WeightsError) as info:
+    convert.import_safetensors(str(FIXTURES / "timm.safetensors"), "hf", fixture_config("hf"))
+  message = str(info.value)
+  assert "missing keys" in message and "embeddings.position_embeddings" in message
+  assert "unexpected keys" in message and "blocks.0.attn.qkv.weight" in message
+  assert "mis-shaped" not in message
+
+
+def test_one_error_names_missing_unexpected_and_misshaped_keys(timm_tensors, tmp_path):
+  from safetensors.numpy import save_file
+
+  tensors = dict(timm_tensors)
+  del tensors["norm.bias"]
+  tensors["extra.weight"] = np.zeros((3,), np.float32)
+  tensors["pos_embed"] = np.zeros((1, 10, 48), np.float32)
+  bad = tmp_path / "bad.safetensors"
+  save_file(tensors, str(bad))
+  with pytest.raises(convert.WeightsError) as info:
+    convert.import_safetensors(str(bad), "timm", fixture_config())
+  message = str(info.value)
+  assert str(bad) in message
+  assert "missing keys (1): norm.bias" in message
+  assert "unexpected keys (1): extra.weight" in message
+  assert "mis-shaped keys (1)" in message and "pos_embed" in message
+  assert "(1, 10, 48)" in message and "(1, 17, 48)" in message
+
+
+def test_misshaped_stacked_key_in_every_layer(timm_tensors):
+  tensors = dict(timm_tensors)
+  for i in range(2):
+    tensors[f"blocks.{i}.mlp.fc1.weight"] = np.zeros((191, 48), np.float32)
+  with pytest.raises(convert.WeightsError) as info:
+    convert.convert(tensors, "timm", fixture_config())
+  message = str(info.value)
+  assert "mis-shaped keys (2)" in message
+  for i in range(2):
+    assert f"blocks.{i}.mlp.fc1.weight (191, 48) → blocks/fc1/kernel (48, 191), expected (48, 192)" in message
+  assert "missing" not in message and "unexpected" not in message
+
+
+def test_missing_key_in_one_layer_is_only_missing(timm_tensors):
+  tensors = dict(timm_tensors)
+  del tensors["blocks.1.norm1.weight"]
+  with pytest.raises(convert.WeightsError) as info:
+    convert.convert(tensors, "timm", fixture_config())
+  message = str(info.value)
+  assert "missing keys (1): blocks.1.norm1.weight" in message
+  assert "unexpected" not in message
+
+
+def test_misshaped_key_in_one_layer_is_a_weights_error(timm_tensors):
+  tensors = dict(timm_tensors)
+  tensors["blocks.0.attn.qkv.weight"] = np.zeros((147, 48), np.float32)
+  with pytest.raises(convert.WeightsError, match="blocks.0.attn.qkv.weight"):
+    convert.convert(tensors, "timm", fixture_config())
+
+
+def test_unreadable_weight_files(tmp_path):
+  junk = tmp_path / "junk.safetensors"
+  junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.raises(convert.WeightsError, match="not a readable safetensors file"):
+    convert.import_safetensors(str(junk), "timm", fixture_config())
+  with pytest.raises(convert.WeightsError, match="no such file"):
+    convert.import_safetensors(str(tmp_path / "absent.safetensors"), "timm", fixture_config())
+  with pytest.raises(convert.WeightsError, match="unknown weight format"):
+    convert.convert({}, "torch", fixture_config())
+
+
+def test_cli_import_backbone_bad_weights(timm_tensors, tmp_path, capsys):
+  from safetensors.numpy import save_file
+
+  tensors = dict(timm_tensors)
+  del tensors["cls_token"]
+  bad = tmp_path / "bad.safetensors"
+  save_file(tensors, str(bad))
+  out = tmp_path / "o"
+  code = cli.main(["import-backbone", "--format", "timm", "--weights", str(bad), "--arch",
+                   "vit_s16", "--out", str(out)])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert err.startswith("error: ") and "missing keys" in err and "cls_token" in err
+  assert not out.exists() and not Path(str(out) + ".tmp").exists()
+
+
+def test_safetensors_backbone_needs_format_and_arch():
+  with pytest.raises(SmatError, match="--format"):
+    checkpoint.load("x.safetensors")
+  with pytest.raises(SmatError, match="--arch"):
+    checkpoint.load("x.safetensors", "timm")
+  with pytest.raises(SmatError, match="unknown backbone arch"):
+    checkpoint.load(str(FIXTURES / "timm.safetensors"), "timm", "vit_huge")
+  with pytest.raises(SmatError, match="not a backbone directory"):
+    checkpoint.load(str(FIXTURES))
+
+
+# 6. Numerics switches.
+
+def test_bfloat16_is_close_to_float32_and_returns_float32(timm):
+  params, config, ref = timm
+  out32 = features(params, ref["images_32"], config)
+  out16 = features(params, ref["images_32"], config.replace(dtype="bfloat16"))
+  assert out16.dtype == np.float32
+  assert 0 < max_diff(out16, out32) < 0.1  # features are ~3 in scale; bf16 is not a no-op
+
+
+def test_remat_and_rolled_loop_match(timm):
+  params, config, ref = timm
+  x = vit.preprocess(jnp.asarray(ref["images_32"]), config)
+  loss = lambda c: jax.jit(jax.value_and_grad(lambda p: jnp.sum(vit.forward(p, x, c) ** 2)))
+  value, grad = loss(config)(params)
+  value_remat, grad_remat = loss(config.replace(remat=True))(params)
+  np.testing.assert_allclose(value_remat, value, rtol=1e-6)
+  assert tree_max_diff(grad_remat, grad) <= 1e-5
+  base = features(params, ref["images_32"], config)
+  np.testing.assert_allclose(features(params, ref["images_32"], config.replace(remat=True)), base,
+                             atol=1e-6)
+  rolled = config.replace(unroll_blocks=False)
+  np.testing.assert_allclose(features(params, ref["images_32"], rolled), base, atol=1e-5)
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="divisible"):
+    fixture_config().replace(num_heads=5)
+  with pytest.raises(ValueError, match="multiple of patch_size"):
+    fixture_config().replace(image_size=36)
+  with pytest.raises(ValueError, match="dtype"):
+    fixture_config().replace(dtype="float16")
+  with pytest.raises(ValueError, match="unknown backbone arch"):
+    vit.get_config("vit_l16")
+
+
+# 7. Gradients through the interpolated position embeddings.
+
+def test_pos_embed_gradient_through_interpolation_matches_finite_differences(timm):
+  """float32 central differences (the model computes in float32 even under x64)."""
+  params, config, ref = timm
+  x = vit.preprocess(jnp.asarray(ref["images_24"]), config)  # a 3×3 grid from the 4×4 one
+  loss = jax.jit(lambda pos: jnp.sum(vit.forward({**params, "pos_embed": pos}, x, config) ** 2))
+  pos = jnp.asarray(params["pos_embed"])
+  grad = jax.grad(loss)(pos)
+  assert float(jnp.abs(grad[0, 1:]).max()) > 1e-2  # patch rows get gradient through the resize
+  unit = lambda v: v / jnp.linalg.norm(v)
+  patch_grad = unit(grad.at[0, 0].set(0.0))
+  for seed in range(2):  # patch rows only (the resized part), half along the gradient so the
+    noise = unit(jax.random.normal(jax.random.key(seed), pos.shape).at[0, 0].set(0.0))
+    direction = unit(patch_grad + noise)  # derivative stands well above float32 noise
+    eps = 1e-2
+    numeric = (loss(pos + eps * direction) - loss(pos - eps * direction)) / (2 * eps)
+    analytic = jnp.vdot(grad, direction)
+    assert abs(float(numeric - analytic)) <= 2e-2 * abs(float(analytic)), (numeric, analytic)
+
+
+# 8. `smat embed`.
+
+def test_cli_embed_matches_reference_features(timm, saved_backbone, tmp_path, capsys):
+  _, _, ref = timm
+  names = ["b/x.png", "a/z.png", "a/deeper/y.png", "b/w.png"]  # fixture image i → names[i]
+  root = tmp_path / "imgs"
+  for name, image in zip(names, ref["images_32"]):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / name)
+  (root / "a" / "notes.txt").write_text("not an image")
+  out = tmp_path / "out.npz"
+  code = cli.main(["embed", "--backbone", str(saved_backbone), "--images", str(root), "--out",
+                   str(out)])
+  assert code == 0, capsys.readouterr().err
+  result = np.load(out)
+  expected_paths = sorted(os.path.join(*n.split("/")) for n in names)
+  assert list(result["paths"]) == expected_paths
+  order = [names.index(p.replace(os.sep, "/")) for p in expected_paths]
+  assert result["features"].shape == (4, 48) and result["features"].dtype == np.float32
+  assert max_diff(result["features"], ref["features_32"][order]) <= 1e-4
+
+
+def test_embed_folder_at_another_size_interpolates(timm, tmp_path):
+  params, config, ref = timm
+  for i, image in enumerate(ref["images_24"]):
+    Image.fromarray(image).save(tmp_path / f"{i}.png")
+  feats, paths = embed.embed_folder(params, config, str(tmp_path), image_size=24, batch_size=3,
+                                    progress=False)
+  assert paths == [f"{i}.png" for i in range(4)]
+  assert max_diff(feats, ref["features_24"]) <= 1e-4
+
+
+def test_load_image_resizes_and_centre_crops(tmp_path):
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+  image = embed.load_image(str(tmp_path / "a.png"), 32)
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  wide = rng.integers(0, 256, (32, 96, 3), dtype=np.uint8)  # short side already 32: crop only
+  Image.fromarray(wide).save(tmp_path / "wide.png")
+  np.testing.assert_array_equal(embed.load_image(str(tmp_path / "wide.png"), 32), wide[:, 32:64])
+  gray = np.full((20, 20), 77, np.uint8)  # grayscale, upsampled: constant stays constant, RGB
+  Image.fromarray(gray).save(tmp_path / "gray.png")
+  np.testing.assert_array_equal(embed.load_image(str(tmp_path / "gray.png"), 32),
+                                np.full((32, 32, 3), 77, np.uint8))
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  with pytest.raises(DataError, match="unreadable image"):
+    embed.load_image(str(tmp_path / "broken.png"), 32)
+
+
+def test_load_image_composites_transparency_at_any_size(tmp_path):
+  for shape in [(32, 32), (40, 48)]:
+    rgba = np.zeros(shape + (4,), np.uint8)
+    rgba[..., :3] = 10  # fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    np.testing.assert_array_equal(embed.load_image(str(tmp_path / "t.png"), 32), 255)
+
+
+def test_empty_image_folder_is_a_data_error(timm, tmp_path):
+  params, config, _ = timm
+  (tmp_path / "empty" / "sub").mkdir(parents=True)
+  (tmp_path / "empty" / "sub" / "readme.txt").write_text("no images here")
+  with pytest.raises(DataError, match="no image files"):
+    embed.embed_folder(params, config, str(tmp_path / "empty"), progress=False)
+  with pytest.raises(DataError, match="not a directory"):
+    embed.image_paths(str(tmp_path / "missing"))
