@@ -28,21 +28,21 @@ def get_config(arg=None):
   config.backbone.remat = False
 
   config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.steps = 1500
+  config.pretrain.steps = 900
   config.pretrain.batch_size = 128
-  config.pretrain.lr = 1e-3
-  config.pretrain.warmup_steps = 150
+  config.pretrain.lr = 2e-3
+  config.pretrain.warmup_steps = 100
   config.pretrain.final_lr_fraction = 0.01
   config.pretrain.weight_decay = 0.05
   config.pretrain.grad_clip = 1.0
-  config.pretrain.label_smoothing = 0.1
-  config.pretrain.cosine_head_scale = 0.0  # > 0: cosine classifier with this logit scale
+  config.pretrain.label_smoothing = 0.0
+  config.pretrain.cosine_head_scale = 16.0  # cosine classifier (Baseline++); 0: linear head
   config.pretrain.augment = True
   config.pretrain.crop_scale = (0.6, 1.0)
   config.pretrain.color_jitter = 0.2
   config.pretrain.flip_prob = 0.0  # a mirrored letter is often another letter
   config.pretrain.log_every = 50
-  config.pretrain.checkpoint_every = 500
+  config.pretrain.checkpoint_every = 300
   config.pretrain.keep_checkpoints = 2
 
   config.eval = ml_collections.ConfigDict()

@@ -19,7 +19,7 @@ from smat.models import checkpoint
 def _config(data_dir, *overrides):
   return config_lib.load("configs/pretrain_glyphs.py:smoke", [
       f"--config.data_dir={data_dir}", "--config.data.image_size=16", "--config.eval.ways=3",
-      "--config.eval.episodes=4", *overrides])
+      "--config.eval.episodes=4", "--config.eval.queries=1", *overrides])
 
 
 def _leaves(params):
@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(glyphs_data_dir, t
   pretrain.pretrain(good, str(tmp_path), stop_after=4, progress=False)
   broken = _config(data_dir, "--config.pretrain.lr=1e30", "--config.pretrain.grad_clip=1e30",
                    "--config.pretrain.log_every=1")
-  with pytest.raises(SmatError, match=r"non-finite .* step 5.*checkpoint is step 4"):
+  with pytest.raises(SmatError, match=r"non-finite .* step 6.*checkpoint is step 4"):
     pretrain.pretrain(broken, str(tmp_path), progress=False)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 4
@@ -113,7 +113,8 @@ from smat import config as c, pretrain
 from smat.models import checkpoint
 assert jax.device_count() == int(sys.argv[3]), jax.devices()
 cfg = c.load("configs/pretrain_glyphs.py:smoke", ["--config.data_dir=" + sys.argv[1],
-    "--config.data.image_size=16", "--config.eval.ways=3", "--config.eval.episodes=2"])
+    "--config.data.image_size=16", "--config.eval.ways=3", "--config.eval.episodes=2",
+    "--config.eval.queries=1"])
 pretrain.pretrain(cfg, sys.argv[2], progress=False)
 """
 
@@ -129,5 +130,11 @@ def test_two_devices_match_one_device(glyphs_data_dir, tmp_path):
                    cwd=os.path.dirname(os.path.dirname(__file__)))
   one, _ = checkpoint.load(str(tmp_path / "d1" / "backbone"))
   two, _ = checkpoint.load(str(tmp_path / "d2" / "backbone"))
+  # Adam turns reduction-order noise in near-zero gradients into updates of up to lr (2e-3 here)
+  # per step; a real sharding bug (devices on different batches, unsynchronised gradients)
+  # moves parameters by O(lr) and changes the losses.
   for x, y in zip(_leaves(one), _leaves(two)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(x, y, rtol=0, atol=2e-4)
+  losses = lambda run: [json.loads(l)["loss"]
+                        for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(losses("d1"), losses("d2"), rtol=1e-4)
