@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   reproduce = commands.add_parser(
-      "reproduce", help="main job on the offline benchmark: build data, describe it, sample episodes")
+      "reproduce", help="main job on the offline benchmark: build data, describe it, sample "
+                       "episodes, pre-train θ_pre and report its few-shot accuracy")
   reproduce.add_argument("--workdir", default="runs/offline", help="outputs (default: runs/offline)")
   reproduce.add_argument("--config", default="configs/glyphs_small.py", help="experiment config")
   _data_dir_arg(reproduce)
@@ -212,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "<workdir>/checkpoints, export <workdir>/backbone and report zero-shot "
                   "ProtoNet accuracy (<workdir>/fewshot.json). Add --config.FIELD=VALUE to "
                   "override config fields.")
-  pretrain.add_argument("--config", default="configs/pretrain_glyphs.py")
-  pretrain.add_argument("--workdir", required=True)
+  pretrain.add_argument("--config", default="configs/pretrain_glyphs.py",
+                        help="config file[:variant] (default: configs/pretrain_glyphs.py)")
+  pretrain.add_argument("--workdir", required=True,
+                        help="checkpoints, logs and the exported backbone go here")
   pretrain.set_defaults(run=_cmd_pretrain)
 
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")

@@ -206,10 +206,18 @@ def _restore(manager, state: TrainState) -> TrainState:
 class MetricsLog:
   """Scalars to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tensorboard`)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """Rows past `resume_step` (logged after the checkpoint a resumed run starts from) are
+    dropped, so the file reads like one uninterrupted run."""
     from tensorboardX import SummaryWriter
 
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+      with open(path, "w") as f:
+        f.writelines(kept)
+    self.jsonl = open(path, "a")
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
@@ -255,9 +263,11 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   start = int(state.step)
   end = p.steps if stop_after is None else min(stop_after, p.steps)
   key = jax.random.key(config.seed + 1)
-  log = MetricsLog(workdir)
-  to_device = lambda batch: tuple(jax.make_array_from_process_local_data(sharded, x)
-                                  for x in batch)
+  log = MetricsLog(workdir, resume_step=start)
+  local = p.batch_size // jax.process_count()  # each process feeds its slice of every batch
+  first = jax.process_index() * local
+  to_device = lambda batch: tuple(
+      jax.make_array_from_process_local_data(sharded, x[first:first + local]) for x in batch)
   bar = tqdm(total=p.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
   last_time, last_step = time.perf_counter(), start
   try:

@@ -75,7 +75,7 @@ class ViTConfig:
 # DINO's released backbones (224 px, LayerNorm eps 1e-6), and presets small enough for 2 CPU
 # cores on the 32-px offline benchmark. Forward GFLOPs per image from XLA's cost analysis
 # (`python -m benchmarks.backbone_throughput`): vit_mini_p4 0.121 and vit_tiny_p4 0.387 at 32 px,
-# vit_s16 2.94 / 9.47 and vit_b16 11.4 / 35.1 at 128 / 224 px.
+# vit_s16 2.94 / 9.47 and vit_b16 11.4 / 35.7 at 128 / 224 px.
 PRESETS: dict[str, ViTConfig] = {
     "vit_s16": ViTConfig(patch_size=16, width=384, depth=12, num_heads=6, mlp_dim=1536,
                          image_size=224),
