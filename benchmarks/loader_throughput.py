@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
       "runs": [loader.throughput(source, config.data.meta_batch_size, args.batches, int(t))
                for t in args.threads.split(",")],
   }
-  print(f"| threads | episodes/s | meta-batches | seconds |\n|---|---|---|---|")
+  print("| threads | episodes/s | meta-batches | seconds |\n|---|---|---|---|")
   for run in result["runs"]:
     print(f"| {run['threads']} | {run['episodes_per_s']:.1f} | {run['batches']} | {run['seconds']:.2f} |")
   stats = result["episode_stats"]

@@ -119,7 +119,7 @@ def _cmd_pretrain(args) -> None:
 
 
 def _cmd_import_backbone(args) -> None:
-  from smat.models import checkpoint, convert
+  from smat.models import checkpoint
 
   overrides = {} if args.layer_norm_eps is None else {"layer_norm_eps": args.layer_norm_eps}
   params, config = checkpoint.load(args.weights, args.format, args.arch, **overrides)

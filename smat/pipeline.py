@@ -9,7 +9,6 @@ few-shot accuracy. Every stage writes into the workdir (`pretrain/backbone` is Î
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -401,3 +401,24 @@ def test_empty_image_folder_is_a_data_error(timm, tmp_path):
     embed.embed_folder(params, config, str(tmp_path / "empty"), progress=False)
   with pytest.raises(DataError, match="not a directory"):
     embed.image_paths(str(tmp_path / "missing"))
+
+
+def test_configs_name_a_backbone_directory_or_safetensors_file(tmp_path):
+  import ml_collections
+
+  params = convert.import_safetensors(str(FIXTURES / "timm.safetensors"), "timm",
+                                      fixture_config())
+  checkpoint.save(str(tmp_path / "bb"), params, fixture_config())
+  section = ml_collections.ConfigDict({"path": str(tmp_path / "bb"), "format": "",
+                                       "arch": "", "dtype": "bfloat16", "remat": True})
+  loaded, config = checkpoint.load_from_config(section)
+  assert config.dtype == "bfloat16" and config.remat and config.width == 48
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A safetensors file straight from a config: the layout must match the architecture.
+  section = ml_collections.ConfigDict({"path": str(FIXTURES / "timm.safetensors"),
+                                       "format": "timm", "arch": "vit_s16"})
+  with pytest.raises(convert.WeightsError, match="mis-shaped"):
+    checkpoint.load_from_config(section)
+  with pytest.raises(SmatError, match="backbone.path"):
+    checkpoint.load_from_config(ml_collections.ConfigDict({"path": ""}))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Sequence
 
 import grain
 import numpy as np

@@ -82,3 +82,19 @@ def _preset(arch: str, overrides: dict) -> vit.ViTConfig:
     return vit.get_config(arch, **overrides)
   except ValueError as e:
     raise SmatError(str(e)) from None
+
+
+def load_from_config(backbone_config) -> tuple[dict, vit.ViTConfig]:
+  """θ_pre named by a config's `backbone` section.
+
+  Fields: `path` (a backbone directory, or a .safetensors file with `format` and `arch`), and
+  the numerics switches `dtype` and `remat` (the architecture comes from the weights).
+  """
+  b = backbone_config
+  if not b.get("path"):
+    raise SmatError("config field backbone.path is empty: point it at a backbone directory "
+                    "(smat pretrain / smat import-backbone) or a .safetensors file")
+  fmt = b.get("format") or None
+  arch = b.get("arch") or None
+  numerics = {k: b[k] for k in ("dtype", "remat") if k in b}
+  return load(b.path, fmt, arch, **numerics)

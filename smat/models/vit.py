@@ -132,6 +132,15 @@ def resample_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int) -> jax.Ar
   return jnp.concatenate([pos_embed[:, :1], resized.reshape(1, grid_h * grid_w, -1)], axis=1)
 
 
+def _dense(config: ViTConfig, width: int, name: str) -> nn.Dense:
+  return nn.Dense(width, dtype=jnp.dtype(config.dtype), name=name,
+                  kernel_init=nn.initializers.xavier_uniform())
+
+
+def _norm(config: ViTConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.dtype(config.dtype), name=name)
+
+
 class Attention(nn.Module):
   config: ViTConfig
 
@@ -140,8 +149,7 @@ class Attention(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     head_dim = c.width // c.num_heads
-    dense = lambda name: nn.Dense(c.width, dtype=dtype, name=name,
-                                  kernel_init=nn.initializers.xavier_uniform())
+    dense = lambda name: _dense(c, c.width, name)
     split = lambda t: t.reshape(*t.shape[:-1], c.num_heads, head_dim)
     q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
@@ -158,13 +166,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     c = self.config
-    dtype = jnp.dtype(c.dtype)
-    norm = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype, name=name)
-    dense = lambda width, name: nn.Dense(width, dtype=dtype, name=name,
-                                         kernel_init=nn.initializers.xavier_uniform())
-    x = x + Attention(c, name="attn")(norm("norm1")(x))
-    y = dense(c.mlp_dim, "fc1")(norm("norm2")(x))
-    y = dense(c.width, "fc2")(nn.gelu(y, approximate=False))
+    x = x + Attention(c, name="attn")(_norm(c, "norm1")(x))
+    y = _dense(c, c.mlp_dim, "fc1")(_norm(c, "norm2")(x))
+    y = _dense(c, c.width, "fc2")(nn.gelu(y, approximate=False))
     return x + y, None
 
 
@@ -190,7 +194,7 @@ class VisionTransformer(nn.Module):
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      length=c.depth, unroll=c.depth if c.unroll_blocks else 1)
     x, _ = blocks(c, name="blocks")(x, None)
-    x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype, name="norm")(x)
+    x = _norm(c, "norm")(x)
     return x[:, 0].astype(jnp.float32)
 
 
