@@ -21,6 +21,8 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict()
   config.data.train = "glyphs:id"  # pre-train on the train classes of these domains
   config.data.image_size = 32
+  config.data.loader_threads = 2  # batches are read ahead on these threads
+  config.data.prefetch = 4
 
   config.backbone = ml_collections.ConfigDict()
   config.backbone.arch = "vit_mini_p4"

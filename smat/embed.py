@@ -9,6 +9,7 @@ was trained with (ImageNet's for DINO).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -51,23 +52,34 @@ def load_image(path: str, size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _features(params, images, config: vit.ViTConfig):
+def embed_images(params, images, config: vit.ViTConfig) -> jax.Array:
+  """uint8 images [B, S, S, 3] → CLS features [B, width], with the backbone's preprocessing."""
   return vit.forward(params, vit.preprocess(images, config), config)
+
+
+def embed_all(params, config: vit.ViTConfig, load: Callable[[int], np.ndarray], count: int,
+              image_size: int, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+  """Features [count, width] of images `load(0) … load(count − 1)` (uint8 [S, S, 3] each).
+
+  Every batch is padded to `batch_size`, so the whole run compiles once.
+  """
+  from tqdm.auto import tqdm
+
+  chunks = []
+  for start in tqdm(range(0, count, batch_size), desc="embed", unit="batch",
+                    disable=not progress):
+    n = min(batch_size, count - start)
+    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+    for i in range(n):
+      images[i] = load(start + i)
+    chunks.append(np.asarray(embed_images(params, images, config))[:n])
+  return np.concatenate(chunks)
 
 
 def embed_folder(params, config: vit.ViTConfig, root: str, image_size: int | None = None,
                  batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, list[str]]:
   """(features float32 [N, width], sorted relative paths) of every image under `root`."""
-  from tqdm.auto import tqdm
-
   size = image_size or config.image_size
   paths = image_paths(root)
-  chunks = []
-  for start in tqdm(range(0, len(paths), batch_size), desc="embed", unit="batch",
-                    disable=not progress):
-    names = paths[start:start + batch_size]
-    images = np.zeros((batch_size, size, size, 3), np.uint8)  # fixed shape: one compile
-    for i, name in enumerate(names):
-      images[i] = load_image(str(Path(root) / name), size)
-    chunks.append(np.asarray(_features(params, images, config))[:len(names)])
-  return np.concatenate(chunks), paths
+  load = lambda i: load_image(str(Path(root) / paths[i]), size)
+  return embed_all(params, config, load, len(paths), size, batch_size, progress), paths

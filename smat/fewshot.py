@@ -21,6 +21,7 @@ from smat import protonet
 from smat.data import loader
 from smat.data.episodes import Episode, resize
 from smat.data.samplers import FixedSampler
+from smat.embed import embed_all, embed_images
 from smat.models import vit
 
 
@@ -46,7 +47,7 @@ def batch_accuracy(params, episodes: Episode, config: vit.ViTConfig) -> jax.Arra
   images = jnp.concatenate([
       episodes.support_images.reshape(-1, *episodes.support_images.shape[2:]),
       episodes.query_images.reshape(-1, *episodes.query_images.shape[2:])])
-  features = vit.forward(params, vit.preprocess(images, config), config)
+  features = embed_images(params, images, config)
   support_features = features[:batch * support].reshape(batch, support, -1)
   query_features = features[batch * support:].reshape(batch, -1, features.shape[-1])
   return jax.vmap(episode_accuracy)(support_features, episodes.support_labels,
@@ -76,23 +77,13 @@ def zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource, episo
           "episodes_per_s": episodes / seconds}
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def embed_images(params, images, config: vit.ViTConfig) -> jax.Array:
-  return vit.forward(params, vit.preprocess(images, config), config)
-
-
 def embed_split(params, config: vit.ViTConfig, domain, split: str, image_size: int,
                 batch_size: int = 256) -> tuple[dict[int, int], np.ndarray]:
   """({image id: row}, features [N, D]) for every image of the `split` classes of `domain`."""
   ids = np.unique(np.concatenate([c.image_ids for c in domain.classes(split)]))
-  features = []
-  for start in range(0, len(ids), batch_size):
-    chunk = ids[start:start + batch_size]
-    images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # one compile
-    for i, image_id in enumerate(chunk):
-      images[i] = resize(domain.read(int(image_id)), image_size)
-    features.append(np.asarray(embed_images(params, images, config))[:len(chunk)])
-  return {int(i): row for row, i in enumerate(ids)}, np.concatenate(features)
+  load = lambda i: resize(domain.read(int(ids[i])), image_size)
+  features = embed_all(params, config, load, len(ids), image_size, batch_size)
+  return {int(i): row for row, i in enumerate(ids)}, features
 
 
 def _episode_features(plan, rows: dict[int, int], table: np.ndarray, bucket):
@@ -128,14 +119,12 @@ def cached_zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource
               for d in source.domains]
   accuracies = []
   for first in range(0, episodes, batch_size):
-    rows = []
+    rows, by_bucket = [], {}
     for index in range(first, min(first + batch_size, episodes)):
       position, plan = source.plan(index)
       bucket = source.buckets.fit(plan.ways, plan.num_support, plan.num_query)
+      by_bucket.setdefault(bucket, []).append(len(rows))
       rows.append(_episode_features(plan, *tables[position], bucket))
-    by_bucket: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-      by_bucket.setdefault((row[0].shape[0], row[3].shape[0], row[6].shape[0]), []).append(i)
     batch_acc = np.zeros(len(rows))
     for members in by_bucket.values():
       stacked = [np.stack([rows[i][k] for i in members]) for k in range(7)]

@@ -15,7 +15,6 @@ Resume order: (1) the latest checkpoint in `<workdir>/checkpoints`, (2) a fresh 
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import math
@@ -23,13 +22,14 @@ import os
 import time
 from typing import NamedTuple
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from smat import fewshot
+from smat import fewshot, protonet
 from smat.data import augment as aug
 from smat.data.episodes import resize
 from smat.data.spec import load_domains
@@ -88,17 +88,6 @@ class ClassificationData:
     return images, self.labels[idx]
 
 
-def prefetch(fn, steps, depth: int = 4):
-  """Yield fn(step) for `steps`, computed `depth` steps ahead on a background thread."""
-  steps = list(steps)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    pending = [pool.submit(fn, s) for s in steps[:depth]]
-    for i in range(len(steps)):
-      if i + depth < len(steps):
-        pending.append(pool.submit(fn, steps[i + depth]))
-      yield pending.pop(0).result()
-
-
 def lr_schedule(config) -> optax.Schedule:
   p = config.pretrain
   return optax.warmup_cosine_decay_schedule(0.0, p.lr, p.warmup_steps,
@@ -127,8 +116,8 @@ def augment_config(config) -> aug.AugmentConfig:
 def head_logits(head: dict, features: jax.Array, cosine_scale: float) -> jax.Array:
   """Linear head, or (cosine_scale > 0) scale · cos(feature, class weight) as in Baseline++."""
   if cosine_scale > 0:
-    unit = lambda x, axis: x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-6)
-    return cosine_scale * unit(features, -1) @ unit(head["kernel"], 0)
+    return cosine_scale * (protonet.l2_normalize(features, -1, eps=1e-6)
+                           @ protonet.l2_normalize(head["kernel"], 0, eps=1e-6))
   return features @ head["kernel"] + head["bias"]
 
 
@@ -271,7 +260,10 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   bar = tqdm(total=p.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
   last_time, last_step = time.perf_counter(), start
   try:
-    for step, batch in zip(range(start, end), prefetch(data.batch, range(start, end))):
+    batches = grain.MapDataset.range(start, end).map(data.batch).to_iter_dataset(
+        grain.ReadOptions(num_threads=config.data.loader_threads,
+                          prefetch_buffer_size=config.data.prefetch))
+    for step, batch in zip(range(start, end), batches):
       images, labels = to_device(batch)
       state, metrics = step_fn(state, images, labels, key)
       done = step + 1

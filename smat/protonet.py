@@ -20,12 +20,16 @@ def prototypes(features: jax.Array, labels: jax.Array, mask: jax.Array, ways: in
   return (onehot.T @ features) / jnp.maximum(counts, 1.0)
 
 
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(‖x‖, eps) along `axis` (zero vectors stay zero)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
 def cosine_logits(features: jax.Array, protos: jax.Array, class_mask: jax.Array,
                   scale: float = COSINE_SCALE) -> jax.Array:
   """scale · cos(feature, prototype) [N, W]; padded classes get a large negative logit."""
-  f = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
-  p = protos / jnp.maximum(jnp.linalg.norm(protos, axis=-1, keepdims=True), 1e-12)
-  return jnp.where(class_mask[None, :], scale * f @ p.T, _NEG)
+  return jnp.where(class_mask[None, :],
+                   scale * l2_normalize(features) @ l2_normalize(protos).T, _NEG)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
