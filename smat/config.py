@@ -34,6 +34,26 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   return config
 
 
+def sibling(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of another config file in the same directory (unlocked), so a config
+  can be "that experiment, with this changed"."""
+  file = Path(config_file).with_name(name)
+  module_spec = importlib.util.spec_from_file_location(f"smat_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  """A config saved by a run (`config.json`), locked like a loaded one."""
+  import json
+
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
+
+
 def _parse(text: str, current):
   if isinstance(current, str):
     return text

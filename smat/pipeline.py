@@ -1,9 +1,12 @@
 """The main job on the offline benchmark (`smat reproduce`).
 
 Stages: build the glyphs benchmark → describe every evaluation domain → draw example episodes
-→ measure the episode loader → pre-train the small backbone θ_pre and report its zero-shot
-few-shot accuracy. Every stage writes into the workdir (`pretrain/backbone` is θ_pre);
-`summary.json` collects the figures. Re-running resumes: finished stages are cached.
+→ measure the episode loader → pre-train the small backbone θ_pre → meta-train PMF and SMAT on
+top of it → zero-shot comparison of Pre, PMF and SMAT on identical episodes, in distribution
+(glyphs:id test classes) and out of distribution (held-out scripts, Fashion-MNIST).
+Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`, `smat/`);
+`results.json` / `results.md` hold the comparison and `summary.json` every figure.
+Re-running resumes: finished stages are cached, training resumes from its checkpoints.
 """
 
 from __future__ import annotations
@@ -13,18 +16,22 @@ import time
 from pathlib import Path
 
 from smat import config as config_lib
-from smat import pretrain
+from smat import evaluate, metatrain, pretrain
 from smat.data import loader
 from smat.data.show import episode_grid
 from smat.data.sources import glyphs
 from smat.data.spec import default_data_dir, load_domain
 
 EVAL_SPECS = ("glyphs:id", "glyphs:ood", "fashion_mnist")
+ID_SPECS, OOD_SPECS = ("glyphs:id",), ("glyphs:ood", "fashion_mnist")
+META_CONFIGS = {"pmf": "configs/pmf_glyphs.py", "smat": "configs/smat_glyphs.py"}
 
 
-def reproduce(workdir: str, data_dir: str | None = None,
+def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
               config_path: str = "configs/glyphs_small.py",
-              pretrain_config_path: str = "configs/pretrain_glyphs.py") -> dict:
+              pretrain_config_path: str = "configs/pretrain_glyphs.py",
+              meta_variant: str = "", comparison_episodes: int = 200) -> dict:
+  """Runs every stage into `workdir`; `meta_variant` (e.g. "smoke") shrinks meta-training."""
   config = config_lib.load(config_path)
   data_dir = data_dir or config.data_dir or default_data_dir()
   with config.unlocked():
@@ -32,11 +39,11 @@ def reproduce(workdir: str, data_dir: str | None = None,
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
 
-  print(f"[1/4] offline benchmark in {data_dir}")
+  print(f"[1/6] offline benchmark in {data_dir}")
   build_dir = glyphs.build(data_dir)
   summary = {"data_dir": data_dir, "glyphs_build": str(build_dir), "domains": {}}
 
-  print("[2/4] domains")
+  print("[2/6] domains")
   domains = {spec: load_domain(spec, data_dir) for spec in EVAL_SPECS}
   for spec, domain in domains.items():
     described = domain.describe()
@@ -51,7 +58,7 @@ def reproduce(workdir: str, data_dir: str | None = None,
     picture = out / f"episode_{spec.replace(':', '_')}.png"
     episode_grid(source.episode(0)).save(picture)
 
-  print("[3/4] episode loader (meta-training stream, glyphs:id train classes)")
+  print("[3/6] episode loader (meta-training stream, glyphs:id train classes)")
   train = loader.episode_source(config, "train", domains=[domains["glyphs:id"]])
   summary["episode_stats"] = loader.describe_plans(train, 200)
   summary["loader"] = loader.throughput(train, config.data.meta_batch_size, num_batches=25,
@@ -61,7 +68,7 @@ def reproduce(workdir: str, data_dir: str | None = None,
         f"{summary['loader']['episodes_per_s']:.1f} episodes/s with "
         f"{config.data.loader_threads} threads")
 
-  print("[4/4] pre-training the backbone θ_pre (resumes from its checkpoints)")
+  print("[4/6] pre-training the backbone θ_pre (resumes from its checkpoints)")
   pretrain_config = config_lib.load(pretrain_config_path, [
       f"data_dir={data_dir}", f"eval.domains={','.join(EVAL_SPECS)}"])
   start = time.perf_counter()
@@ -69,7 +76,40 @@ def reproduce(workdir: str, data_dir: str | None = None,
   summary["pretrain"] = {"backbone": str(out / "pretrain" / "backbone"),
                          "seconds": time.perf_counter() - start, "fewshot": result["report"]}
   print(result["table"])
+  backbone = out / "pretrain" / "backbone"
+
+  print("[5/6] meta-training PMF and SMAT on θ_pre (resumes from their checkpoints)")
+  runs, summary["meta_train"] = {}, {}
+  for method, path in META_CONFIGS.items():
+    meta_config = config_lib.load(f"{path}:{meta_variant}" if meta_variant else path, [
+        f"data_dir={data_dir}", f"backbone.path={backbone}"])
+    start = time.perf_counter()
+    trained = metatrain.train_and_evaluate(meta_config, str(out / method))
+    summary["meta_train"][method] = {**trained, "seconds": time.perf_counter() - start}
+    runs[method] = metatrain.load_run(str(out / method))
+
+  print(f"[6/6] zero-shot comparison on identical episodes ({comparison_episodes} per cell)")
+  groups = {spec: [domains[spec]] for spec in EVAL_SPECS}
+  models = {"Pre": (runs["pmf"].theta_pre, runs["pmf"].hp.vit), "PMF": runs["pmf"],
+            "SMAT": runs["smat"]}
+  reports = {}
+  for name, model in models.items():
+    start = time.perf_counter()
+    reports[name] = evaluate.zero_shot_report(
+        model, groups, config.data.image_size, shots=(1, 5), episodes=comparison_episodes,
+        seed=config.seed)
+    print(f"  {name}: {time.perf_counter() - start:.0f} s")
+  table = evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS)
+  results = {"methods": reports, "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS)
+                                              for m, r in reports.items()},
+             "id_domains": list(ID_SPECS), "ood_domains": list(OOD_SPECS),
+             "episodes": comparison_episodes, "ways": 5, "queries": 15, "seed": config.seed,
+             "table": table}
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+  (out / "results.md").write_text(table + "\n")
+  summary["results"] = str(out / "results.json")
+  print(table)
   (out / "summary.json").write_text(json.dumps(summary, indent=1))
-  print(f"wrote {out / 'summary.json'}, example episodes {out}/episode_*.png and the backbone "
-        f"{out}/pretrain/backbone")
+  print(f"wrote {out / 'results.json'}, {out / 'summary.json'}, example episodes "
+        f"{out}/episode_*.png; runs: {out}/pretrain, {out}/pmf, {out}/smat")
   return summary

@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from smat import fewshot, protonet
+from smat import fewshot, protonet, training
 from smat.data import augment as aug
 from smat.data.episodes import resize
 from smat.data.spec import load_domains
@@ -144,7 +143,7 @@ def train_step(state: TrainState, images, labels, key, *, optimizer, vit_config,
       cosine_scale)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
@@ -166,15 +165,6 @@ def init_state(config, num_classes: int, optimizer) -> TrainState:
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def _checkpoint_manager(workdir: str, config):
-  import orbax.checkpoint as ocp
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.pretrain.keep_checkpoints,
-                                         create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options)
-
-
 def _save(manager, state: TrainState) -> None:
   import orbax.checkpoint as ocp
 
@@ -192,34 +182,6 @@ def _restore(manager, state: TrainState) -> TrainState:
   return TrainState(**restored)
 
 
-class MetricsLog:
-  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tensorboard`)."""
-
-  def __init__(self, workdir: str, resume_step: int = 0):
-    """Rows past `resume_step` (logged after the checkpoint a resumed run starts from) are
-    dropped, so the file reads like one uninterrupted run."""
-    from tensorboardX import SummaryWriter
-
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-      with open(path, "w") as f:
-        f.writelines(kept)
-    self.jsonl = open(path, "a")
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, scalars: dict) -> None:
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
-    for name, value in scalars.items():
-      self.tb.add_scalar(name, value, step)
-
-  def close(self):
-    self.jsonl.close()
-    self.tb.close()
-
-
 def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool = True) -> dict:
   """Train (or resume) to `config.pretrain.steps`; export the backbone; report few-shot accuracy.
 
@@ -235,11 +197,9 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   vit_config = backbone_config(config)
   optimizer = make_optimizer(config)
 
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  if p.batch_size % mesh.size:
-    raise SmatError(f"config field pretrain.batch_size={p.batch_size} is not divisible by the "
-                    f"{mesh.size} devices; pick a multiple of {mesh.size}")
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  mesh = training.data_mesh()
+  training.check_divisible(p.batch_size, "pretrain.batch_size", mesh)
+  replicated, sharded = training.shardings(mesh)
   step_fn = jax.jit(
       functools.partial(train_step, optimizer=optimizer, vit_config=vit_config,
                         augmentation=augment_config(config) if p.augment else None,
@@ -247,16 +207,13 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
       out_shardings=(replicated, replicated), donate_argnums=0)
 
   state = jax.device_put(init_state(config, data.num_classes, optimizer), replicated)
-  manager = _checkpoint_manager(workdir, config)
+  manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                        p.keep_checkpoints)
   state = _restore(manager, state)
   start = int(state.step)
   end = p.steps if stop_after is None else min(stop_after, p.steps)
   key = jax.random.key(config.seed + 1)
-  log = MetricsLog(workdir, resume_step=start)
-  local = p.batch_size // jax.process_count()  # each process feeds its slice of every batch
-  first = jax.process_index() * local
-  to_device = lambda batch: tuple(
-      jax.make_array_from_process_local_data(sharded, x[first:first + local]) for x in batch)
+  log = training.MetricsLog(workdir, resume_step=start)
   bar = tqdm(total=p.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
   last_time, last_step = time.perf_counter(), start
   try:
@@ -264,7 +221,7 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
         grain.ReadOptions(num_threads=config.data.loader_threads,
                           prefetch_buffer_size=config.data.prefetch))
     for step, batch in zip(range(start, end), batches):
-      images, labels = to_device(batch)
+      images, labels = training.local_slice(batch, sharded, p.batch_size)
       state, metrics = step_fn(state, images, labels, key)
       done = step + 1
       if done % p.log_every == 0 or done == end or done % p.checkpoint_every == 0:

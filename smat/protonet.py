@@ -21,8 +21,13 @@ def prototypes(features: jax.Array, labels: jax.Array, mask: jax.Array, ways: in
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(‖x‖, eps) along `axis` (zero vectors stay zero)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+  """x / max(‖x‖, eps) along `axis`; zero vectors stay zero and get finite gradients.
+
+  NOTE: written with rsqrt of the clamped squared norm, because the gradient of `norm` at a
+  zero vector (a padded class's prototype) is NaN even where `maximum` picks eps.
+  """
+  squared = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 def cosine_logits(features: jax.Array, protos: jax.Array, class_mask: jax.Array,

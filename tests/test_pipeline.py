@@ -11,9 +11,10 @@ from smat.data.sources import fashion_mnist
 
 @pytest.mark.skipif(not Path(fashion_mnist.DEFAULT_DIR).exists(),
                     reason="needs Debian's dataset-fashion-mnist (bootstrap.sh installs it)")
-def test_reproduce_builds_describes_and_measures(tmp_path):
+def test_reproduce_builds_trains_and_compares(tmp_path):
   summary = pipeline.reproduce(str(tmp_path / "run"), str(tmp_path / "data"),
-                               pretrain_config_path="configs/pretrain_glyphs.py:smoke")
+                               pretrain_config_path="configs/pretrain_glyphs.py:smoke",
+                               meta_variant="smoke", comparison_episodes=4)
   domains = summary["domains"]
   assert domains["glyphs:id"]["splits"]["train"]["num_classes"] > 1000
   assert domains["glyphs:ood"]["splits"]["train"]["num_classes"] == 0
@@ -30,3 +31,17 @@ def test_reproduce_builds_describes_and_measures(tmp_path):
   assert (tmp_path / "run" / "pretrain" / "backbone" / "backbone.json").exists()
   assert sorted(p.name for p in (tmp_path / "run").glob("episode_*.png")) == [
       "episode_fashion_mnist.png", "episode_glyphs_id.png", "episode_glyphs_ood.png"]
+  for method in ("pmf", "smat"):
+    assert (tmp_path / "run" / method / "best").is_dir()
+    assert summary["meta_train"][method]["stopped_at"] == summary["meta_train"][method]["total_steps"]
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert list(results["methods"]) == ["Pre", "PMF", "SMAT"]
+  for report in results["methods"].values():
+    assert set(report) == {"glyphs:id", "glyphs:ood", "fashion_mnist"}
+    for row in report.values():
+      assert set(row) == {"5w1s", "5w5s"}
+      assert all(0 <= cell["accuracy"] <= 100 and cell["episodes"] == 4 for cell in row.values())
+  assert len(results["methods"]["SMAT"]["glyphs:ood"]["5w1s"]["alpha_mean"]) == 2
+  pre_id = results["methods"]["Pre"]["glyphs:id"]["5w5s"]["accuracy"]
+  assert results["averages"]["Pre"]["id"]["5w5s"] == pre_id
+  assert "| **OOD average** | 5w1s |" in results["table"]

@@ -1,0 +1,37 @@
+"""SMAT on the offline glyphs benchmark, 2 CPU cores (the README's main job runs it).
+
+  smat pretrain --config configs/pretrain_glyphs.py --workdir runs/pretrain
+  smat meta-train --config configs/smat_glyphs.py --workdir runs/smat_glyphs
+
+θ_pre is the small backbone `smat pretrain` writes (vit_mini_p4, 32 px). The episodes, the
+training length and the learning rates are scaled to a few CPU minutes: fixed 5-way episodes
+instead of Meta-Dataset's, the router temperature annealed over this run's tasks, and δ/gate
+learning rates large enough to move in a few hundred steps. Everything else is the paper's.
+Variants: `:smoke` (seconds; tests and CI), `:reference` (the authors' near-deterministic gate
+noise).
+"""
+
+from smat.meta import defaults
+
+
+def get_config(arg=None):
+  c = defaults.base("smat")
+  c.backbone.path = "runs/pretrain/backbone"
+  c.data.train = "glyphs:id"
+  c.data.val = "glyphs:id"
+  c.data.image_size = 32
+  c.data.sampler = "fixed"
+  c.data.ways, c.data.shots, c.data.queries = 5, 5, 5
+  c.data.loader_threads = 2
+  c.experts.num_experts = 4
+  c.router.temperature_decay_tasks = 90.0  # T_sel reaches 0.5 after 405 tasks
+  c.optim.delta_lr = 0.01
+  c.optim.warmup_epochs = 1
+  c.optim.min_lr = 1e-4
+  c.optim.lambda_lr = 0.5  # λ must act within 100 updates, not 12,500
+  c.train.epochs = 4
+  c.train.episodes_per_epoch = 100
+  c.train.log_every = 5
+  c.val.episodes = 40
+  c.val.batch_size = 4
+  return defaults.apply_variants(c, arg)

@@ -1,0 +1,23 @@
+"""SMAT with DINO ViT-B/16 on Meta-Dataset at 128 px (GPU, data present).
+
+  smat import-backbone --format timm --weights vit_base_patch16_224.dino.safetensors \
+      --arch vit_b16 --out runs/dino_vitb16
+  smat meta-train --config configs/smat_vitb16_md.py --workdir runs/smat_vitb16_md
+
+configs/smat_vits16_md.py with the paper's ViT-B values: τ = 0.95, δ lr 5e-4, 50 epochs;
+bf16 compute and rematerialised blocks by default to fit the meta-batch in memory.
+"""
+
+from smat.config import sibling
+
+
+def get_config(arg=None):
+  c = sibling(__file__, "smat_vits16_md.py", arg)
+  c.backbone.path = "runs/dino_vitb16"
+  c.backbone.dtype = "bfloat16"
+  c.backbone.remat = True
+  c.experts.target_sparsity = 0.95
+  c.optim.delta_lr = 5e-4
+  if "smoke" not in (arg or ""):
+    c.train.epochs = 50
+  return c

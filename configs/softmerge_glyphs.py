@@ -1,0 +1,15 @@
+"""SoftMerge (M dense experts merged by the router; no gates, τ = 0) on the offline glyphs benchmark.
+
+  smat meta-train --config configs/softmerge_glyphs.py --workdir runs/softmerge_glyphs
+
+configs/smat_glyphs.py with method "softmerge": same router, inner step, teachers, episodes and
+schedule.
+"""
+
+from smat.config import sibling
+
+
+def get_config(arg=None):
+  c = sibling(__file__, "smat_glyphs.py", arg)
+  c.method = "softmerge"
+  return c

@@ -1,0 +1,14 @@
+"""SoftMerge (M dense experts merged by the router; no gates, τ = 0), DINO ViT-S/16, Meta-Dataset, 128 px (GPU).
+
+  smat meta-train --config configs/softmerge_vits16_md.py --workdir runs/softmerge_vits16_md
+
+configs/smat_vits16_md.py with method "softmerge": same backbone, episodes, length and δ schedule.
+"""
+
+from smat.config import sibling
+
+
+def get_config(arg=None):
+  c = sibling(__file__, "smat_vits16_md.py", arg)
+  c.method = "softmerge"
+  return c

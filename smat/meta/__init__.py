@@ -1,0 +1,1 @@
+"""Sparse interpolated experts and the meta-training step (gates, router, budget, task losses)."""

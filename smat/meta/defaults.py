@@ -1,0 +1,115 @@
+"""Default meta-training config: the paper's ViT-S/16 Meta-Dataset values, every constant named.
+
+Config files in configs/ start from `base(method)` and change what their experiment changes;
+`apply_variants(config, arg)` handles the `:smoke` / `:reference` suffixes they all accept.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from smat.meta import gates
+
+MD_TRAIN = ",".join(f"tfds:meta_dataset/{s}" for s in (
+    "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower"))
+
+
+def base(method: str = "smat") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data_dir = ""  # empty: $SMAT_DATA_DIR or ~/.cache/smat
+  c.method = method  # "smat" | "softmerge" | "pmf"
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.path = ""  # backbone dir (smat import-backbone / pretrain) or .safetensors
+  c.backbone.format = ""  # for .safetensors: "timm" | "hf"
+  c.backbone.arch = ""  # for .safetensors: "vit_s16" | "vit_b16"
+  c.backbone.dtype = "float32"  # "bfloat16": bf16 compute, float32 master values
+  c.backbone.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = MD_TRAIN  # meta-training domains (train classes)
+  c.data.val = MD_TRAIN  # validation episodes (val classes)
+  c.data.image_size = 128
+  c.data.sampler = "md"  # Meta-Dataset variable-way variable-shot, or "fixed"
+  c.data.ways = 5  # fixed sampler only
+  c.data.shots = 5
+  c.data.queries = 10
+  c.data.max_ways = 50  # md sampler
+  c.data.max_support = 500
+  c.data.max_support_per_class = 100
+  c.data.max_query_per_class = 10
+  c.data.meta_batch_size = 4  # tasks per update
+  c.data.loader_threads = 4
+  c.data.prefetch = 4
+
+  c.experts = ml_collections.ConfigDict()
+  c.experts.num_experts = 8  # M
+  c.experts.target_sparsity = 0.9  # τ (ViT-B: 0.95)
+  c.experts.gate_noise = gates.FULL_NOISE  # u ~ U(0.5 ± w); `:reference` uses the code's 1e-6
+  c.experts.structured = False  # one gate per input column of each dense kernel
+  c.experts.freeze_embeddings = False
+
+  c.inner = ml_collections.ConfigDict()
+  c.inner.lr = 1e-3  # one first-order SGD step on the support
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.lr = 5e-3  # the dense teacher's SGD step on the query
+  c.teacher.temperature = 2.0  # T of the distillation
+  c.teacher.direction = "reverse"  # KL(student‖teacher) as the authors' code; or "forward"
+  c.teacher.weight = 0.25  # loss = (1 − w)·CE + w·KD
+
+  c.router = ml_collections.ConfigDict()
+  c.router.temperature_start = 5.0  # T_sel = max(floor, start − tasks_seen / decay_tasks)
+  c.router.temperature_floor = 0.5
+  c.router.temperature_decay_tasks = 4000.0
+  c.router.logit_weight = 1e-4  # · mean(ℓ²)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.delta_lr = 1e-4  # ViT-B: 5e-4
+  c.optim.delta_momentum = 0.9
+  c.optim.delta_weight_decay = 1e-4
+  c.optim.warmup_epochs = 5
+  c.optim.warmup_lr = 1e-6
+  c.optim.min_lr = 1e-6
+  c.optim.gate_lr = 1e6
+  c.optim.gate_clip = 5.0
+  c.optim.lambda_lr = 2e-3
+  c.optim.router_lr = 1e-4
+  c.optim.router_weight_decay = 1e-2
+  c.optim.router_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 25  # ViT-B: 50
+  c.train.episodes_per_epoch = 2000
+  c.train.log_every = 50
+  c.train.keep_checkpoints = 2
+
+  c.val = ml_collections.ConfigDict()
+  c.val.episodes = 200  # fixed validation episodes, zero-shot after every epoch
+  c.val.batch_size = 4
+  return c
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """`arg` = comma-separated variants: `smoke` (seconds, for tests/CI), `reference` (gate noise
+  of the authors' code)."""
+  variants = [v for v in (arg or "").split(",") if v]
+  unknown = set(variants) - {"smoke", "reference"}
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; use smoke and/or reference")
+  if "reference" in variants:
+    c.experts.gate_noise = gates.REFERENCE_NOISE
+  if "smoke" in variants:
+    c.data.sampler = "fixed"
+    c.data.ways, c.data.shots, c.data.queries = 3, 1, 2
+    c.data.meta_batch_size = 2
+    c.data.loader_threads = 1
+    c.experts.num_experts = min(c.experts.num_experts, 2)
+    c.train.epochs = 2
+    c.train.episodes_per_epoch = 4
+    c.train.log_every = 1
+    c.optim.warmup_epochs = 1
+    c.val.episodes = 4
+    c.val.batch_size = 2
+  return c

@@ -1,0 +1,165 @@
+"""Trainable state, optimiser groups and the jitted meta-training step shared by every method.
+
+Trainable state (θ_pre is an argument, never optimised or checkpointed):
+  delta   δ, [P] per backbone leaf ([M, P] for SoftMerge)
+  gates   log_α, [M, *G] per backbone leaf                     (smat)
+  lam     λ [M]                                                  (smat)
+  router  block, skill tokens, expert keys                       (smat, softmerge)
+Optimiser groups (one `optax.multi_transform` from the top-level key):
+  delta   weight decay + SGD momentum, warm-up + cosine schedule
+  gates   global-norm clip + plain SGD (lr 1e6 drives gates to 0/1)
+  lam     plain SGD on L_lagr (= ascent on the violation), no clipping
+  router  global-norm clip + AdamW
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from smat.meta import budget, experts, gates, router, tasks
+
+
+class MetaState(NamedTuple):
+  params: dict
+  opt_state: optax.OptState
+  router_state: dict  # spectral-norm (u, v) per router layer; {} for pmf
+  step: jax.Array  # optimiser steps taken
+  tasks_seen: jax.Array  # drives the router temperature
+  bad_step: jax.Array  # first step whose loss or gradient was non-finite; -1 if none
+
+
+def delta_schedule(optim, total_steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from `warmup_lr` to `delta_lr`, cosine decay to `min_lr` at the end."""
+  return optax.warmup_cosine_decay_schedule(
+      optim.warmup_lr, optim.delta_lr, warmup_steps, max(total_steps, warmup_steps + 1),
+      end_value=optim.min_lr)
+
+
+def make_optimizer(optim, total_steps: int, warmup_steps: int) -> optax.GradientTransformation:
+  """The four parameter groups of SMAT (a method uses the groups its state has)."""
+  groups = {
+      "delta": optax.chain(optax.add_decayed_weights(optim.delta_weight_decay),
+                           optax.sgd(delta_schedule(optim, total_steps, warmup_steps),
+                                     momentum=optim.delta_momentum or None)),
+      "gates": optax.chain(optax.clip_by_global_norm(optim.gate_clip), optax.sgd(optim.gate_lr)),
+      "lam": optax.sgd(optim.lambda_lr),
+      "router": optax.chain(optax.clip_by_global_norm(optim.router_clip),
+                            optax.adamw(optim.router_lr, weight_decay=optim.router_weight_decay)),
+  }
+  labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+  return optax.multi_transform(groups, labels)
+
+
+def init_params(key: jax.Array, theta_pre, hp: tasks.Hyper, structured: bool = False,
+                freeze_embeddings: bool = False) -> tuple[dict, dict]:
+  """(trainable params, router state) at initialisation: δ = 0, log_α ~ N(0, 0.5²), λ = 0."""
+  k_gates, k_router = jax.random.split(key)
+  if hp.method == "pmf":
+    return {"delta": experts.init_delta(theta_pre)}, {}
+  dim = jax.tree.leaves(theta_pre["cls_token"])[0].shape[-1]
+  router_params, router_state = router.init(k_router, dim, hp.num_experts)
+  if hp.method == "softmerge":
+    deltas = jax.tree.map(lambda p: jnp.zeros((hp.num_experts,) + p.shape), theta_pre)
+    return {"delta": deltas, "router": router_params}, router_state
+  return {"delta": experts.init_delta(theta_pre),
+          "gates": experts.init_gates(k_gates, theta_pre, hp.num_experts, structured,
+                                      freeze_embeddings),
+          "lam": jnp.zeros((hp.num_experts,)),
+          "router": router_params}, router_state
+
+
+def init_state(params: dict, router_state: dict, optimizer) -> MetaState:
+  scalar = lambda v: jnp.full((), v, jnp.int32)
+  return MetaState(params, optimizer.init(params), router_state, scalar(0), scalar(0), scalar(-1))
+
+
+def _task_keys(key: jax.Array, count: int) -> jax.Array:
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
+
+
+def _loss(params, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
+  """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics)."""
+  if hp.method == "pmf":
+    losses, metrics = jax.vmap(tasks.protonet_loss, (None, None, 0, None))(
+        params, theta_pre, episodes, hp)
+    return losses.mean(), (metrics, {})
+  router_params = router.spectral_normalize(params["router"], router_state)
+  losses, metrics = jax.vmap(tasks.expert_loss, (None, None, None, 0, 0, None, None))(
+      params, theta_pre, router_params, episodes, keys, temp, hp)
+  loss, batch = losses.mean(), {}
+  if hp.method == "smat":
+    tau = hp.target_sparsity
+    sparsity = metrics["expert_sparsity"].mean(0)
+    lam = budget.reset(params["lam"], sparsity, tau)
+    expected_l0 = experts.expected_l0(params["gates"], theta_pre)
+    l_sparse = budget.sparsity_loss(metrics["alpha"].mean(0), lam, expected_l0, tau)
+    l_lagr = jax.vmap(budget.lagrangian, (0, None, 0, None))(
+        metrics["alpha"], params["lam"], metrics["expert_sparsity"], tau).mean()
+    loss = loss + l_sparse + l_lagr
+    batch = {"sparsity_loss": l_sparse, "lagrangian": l_lagr, "expected_l0": expected_l0}
+  return loss, (metrics, batch)
+
+
+def _all_finite(*trees) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]))
+
+
+def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
+                    hp: tasks.Hyper, optimizer) -> tuple[MetaState, dict]:
+  """One update on a meta-batch of tasks (episodes carry a leading task axis).
+
+  Task t draws its randomness from fold_in(fold_in(rng, step), t), so a run resumed from a
+  checkpoint, or split over any number of devices, draws the same numbers. A non-finite loss
+  or gradient leaves the state unchanged and records the step in `bad_step`.
+  """
+  num_tasks = episodes.class_mask.shape[0]
+  keys = _task_keys(jax.random.fold_in(rng, state.step), num_tasks)
+  temp = hp.temperature(state.tasks_seen)
+  router_state = (router.power_iteration(state.params["router"], state.router_state)
+                  if state.router_state else state.router_state)
+  (loss, (metrics, batch)), grads = jax.value_and_grad(_loss, has_aux=True)(
+      state.params, router_state, theta_pre, episodes, keys, temp, hp)
+  params = state.params
+  if hp.method == "smat":  # reset λ of experts already sparser than τ, then step
+    params = {**params, "lam": budget.reset(params["lam"], metrics["expert_sparsity"].mean(0),
+                                            hp.target_sparsity)}
+  updates, opt_state = optimizer.update(grads, state.opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if "gates" in new_params:  # projections: log_α into its range, λ ≥ 0
+    new_params["gates"] = jax.tree.map(gates.clamp, new_params["gates"])
+    new_params["lam"] = jnp.maximum(new_params["lam"], 0.0)
+  finite = _all_finite(loss, grads)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = MetaState(
+      keep(new_params, state.params), keep(opt_state, state.opt_state),
+      keep(router_state, state.router_state), state.step + 1,
+      state.tasks_seen + num_tasks,
+      jnp.where(finite | (state.bad_step >= 0), state.bad_step, state.step))
+  summary = {k: v.mean(0) for k, v in metrics.items()}
+  summary.update(batch, loss=loss, grad_norm=optax.tree.norm(grads), temperature=temp,
+                 finite=finite.astype(jnp.float32))
+  if "alpha" in metrics:  # how often each expert weighs more than an even share
+    summary["selected"] = (metrics["alpha"] > 1.0 / hp.num_experts).mean(0)
+  if "lam" in new_params:
+    summary["lam"] = new_params["lam"]
+  return new_state, summary
+
+
+def zero_shot_batch(params, router_state, episodes, theta_pre, temp, *, hp: tasks.Hyper):
+  """Zero-shot query accuracy [T] (and α [T, M] for expert methods) of a batch of episodes."""
+  router_params = (router.spectral_normalize(params["router"], router_state)
+                   if router_state else None)
+  return jax.vmap(tasks.zero_shot_accuracy, (None, None, None, 0, None, None))(
+      params, theta_pre, router_params, episodes, hp, temp)
+
+
+def jit_step(hp: tasks.Hyper, optimizer, out_sharding=None):
+  """meta_train_step jitted with buffer donation; call as step(state, episodes, rng, θ_pre)."""
+  return jax.jit(functools.partial(meta_train_step, hp=hp, optimizer=optimizer),
+                 donate_argnums=0,
+                 out_shardings=None if out_sharding is None else (out_sharding, out_sharding))

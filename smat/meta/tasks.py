@@ -1,0 +1,201 @@
+"""One task's meta-training loss and zero-shot prediction, for each method sharing the trainer.
+
+  smat       θ = θ_pre + (Σ_k α_k z_k) ⊙ δ, inner step, two teachers, sparsity control
+  softmerge  θ = θ_pre + Σ_k α_k δ_k (M dense experts, no gates, τ = 0), inner step, teachers
+  pmf        θ = θ_pre + δ, ProtoNet query loss (P>M>F: dense meta-tuning of the backbone)
+
+Everything here works on one padded episode (`smat.data.episodes.Episode` without the task
+axis); the step vmaps it over the meta-batch. Shapes: support S, query Q, ways W, feature D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+
+from smat import protonet
+from smat.data.augment import to_float
+from smat.meta import experts, gates, router
+from smat.models import vit
+
+METHODS = ("smat", "softmerge", "pmf")
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+  """Static hyper-parameters of a task loss (hashable: part of the jitted step's identity)."""
+
+  method: str = "smat"
+  vit: vit.ViTConfig | None = None
+  num_experts: int = 8
+  target_sparsity: float = 0.9  # τ
+  gate_noise: float = gates.FULL_NOISE  # half width of u around 0.5
+  inner_lr: float = 1e-3
+  teacher_lr: float = 5e-3
+  kd_temperature: float = 2.0
+  kd_direction: str = "reverse"  # "reverse": KL(student‖teacher) as the authors' code
+  ce_weight: float = 0.75
+  kd_weight: float = 0.25
+  router_logit_weight: float = 1e-4
+  cosine_scale: float = protonet.COSINE_SCALE
+  temperature_start: float = 5.0
+  temperature_floor: float = 0.5
+  temperature_decay_tasks: float = 4000.0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+    if self.kd_direction not in ("reverse", "forward"):
+      raise ValueError(f"kd_direction {self.kd_direction!r}: use 'reverse' or 'forward'")
+
+  def temperature(self, tasks_seen) -> jax.Array:
+    return router.temperature(tasks_seen, self.temperature_start, self.temperature_floor,
+                              self.temperature_decay_tasks)
+
+
+def features(theta, images: jax.Array, config: vit.ViTConfig) -> jax.Array:
+  """CLS features [N, D] of uint8 (or [0, 1] float) images."""
+  return vit.forward(theta, vit.preprocess(to_float(images), config), config)
+
+
+def logits_of(f: jax.Array, head: jax.Array, class_mask: jax.Array, hp: Hyper) -> jax.Array:
+  return protonet.cosine_logits(f, head, class_mask, hp.cosine_scale)
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array, mask: jax.Array, t: float):
+  """Mean over valid rows of KL(softmax(p/t) ‖ softmax(q/t))."""
+  log_p, log_q = jax.nn.log_softmax(p_logits / t), jax.nn.log_softmax(q_logits / t)
+  rows = (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
+  weights = mask.astype(rows.dtype)
+  return (rows * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def distillation(student: jax.Array, teacher: jax.Array, mask: jax.Array, hp: Hyper):
+  """T² · KL with T = hp.kd_temperature; "reverse" = KL(student‖teacher) (the authors' call)."""
+  teacher = sg(teacher)
+  pair = (student, teacher) if hp.kd_direction == "reverse" else (teacher, student)
+  return hp.kd_temperature ** 2 * kl_divergence(*pair, mask, hp.kd_temperature)
+
+
+def inner_step(theta, episode, hp: Hyper):
+  """First-order SGD step on the support; returns (θ', head, support CE, support accuracy).
+
+  The head starts at the prototypes of θ and takes the same SGD step as θ (the authors treat
+  it as a parameter). The step itself is not differentiated through; the head's value is the
+  stepped one while its gradient flows through the prototypes (straight-through re-attach).
+  The support forward is shared by the prototypes and the inner gradient.
+  """
+  ways = episode.class_mask.shape[-1]
+  f_s, vjp = jax.vjp(lambda t: features(t, episode.support_images, hp.vit), theta)
+  protos = protonet.prototypes(f_s, episode.support_labels, episode.support_mask, ways)
+
+  def support_ce(f, head):
+    logits = logits_of(f, head, episode.class_mask, hp)
+    return protonet.cross_entropy(logits, episode.support_labels, episode.support_mask), logits
+
+  (ce, logits), (g_f, g_head) = jax.value_and_grad(support_ce, (0, 1), has_aux=True)(
+      sg(f_s), sg(protos))
+  (g_theta,) = vjp(g_f)
+  adapted = jax.tree.map(lambda p, g: p - hp.inner_lr * sg(g), theta, g_theta)
+  head = sg(protos - hp.inner_lr * g_head) + protos - sg(protos)
+  accuracy = protonet.accuracy(logits, episode.support_labels, episode.support_mask)
+  return adapted, head, ce, accuracy
+
+
+def dense_teacher(adapted, head, f_q, vjp_q, episode, hp: Hyper) -> jax.Array:
+  """Query logits of a detached copy of (θ', head) after one SGD step on the query CE."""
+  def query_ce(f, h):
+    return protonet.cross_entropy(logits_of(f, h, episode.class_mask, hp),
+                                  episode.query_labels, episode.query_mask)
+
+  g_f, g_head = jax.grad(query_ce, (0, 1))(sg(f_q), sg(head))
+  (g_theta,) = vjp_q(g_f)
+  teacher = jax.tree.map(lambda p, g: sg(p - hp.teacher_lr * g), adapted, g_theta)
+  teacher_head = sg(head - hp.teacher_lr * g_head)
+  f_t = features(teacher, episode.query_images, hp.vit)
+  return sg(logits_of(f_t, teacher_head, episode.class_mask, hp))
+
+
+def route(router_params, theta_pre, episode, hp: Hyper, temp, key=None):
+  """(expert logits ℓ [M], α [M], θ_pre support prototypes, θ_pre query features)."""
+  ways = episode.class_mask.shape[-1]
+  f_pre_s = sg(features(theta_pre, episode.support_images, hp.vit))
+  protos_pre = protonet.prototypes(f_pre_s, episode.support_labels, episode.support_mask, ways)
+  logits = router.expert_logits(router_params, protos_pre, episode.class_mask)
+  alpha = router.interpolation_weights(router.scores(logits, temp, key))
+  return logits, alpha, protos_pre
+
+
+def task_params(trainable, theta_pre, alpha, hp: Hyper, key=None):
+  """(θ_task, per-expert measured sparsity [M] or None, merged mask density or None)."""
+  if hp.method == "softmerge":
+    return experts.soft_merge(theta_pre, trainable["delta"], alpha), None, None
+  masks = (experts.eval_masks(trainable["gates"]) if key is None
+           else experts.sample_masks(key, trainable["gates"], hp.gate_noise))
+  merged = experts.merge(alpha, masks)
+  return (experts.interpolate(theta_pre, trainable["delta"], merged),
+          experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre))
+
+
+def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyper):
+  """SMAT / SoftMerge loss of one task → (loss, metrics). `router_params` are normalised."""
+  k_route, k_gates = jax.random.split(key)
+  logits, alpha, protos_pre = route(router_params, theta_pre, episode, hp, temp, k_route)
+  theta, sparsity, density = task_params(trainable, theta_pre, alpha, hp, k_gates)
+  adapted, head, support_ce, support_acc = inner_step(theta, episode, hp)
+  f_q, vjp_q = jax.vjp(lambda t: features(t, episode.query_images, hp.vit), adapted)
+  student = logits_of(f_q, head, episode.class_mask, hp)
+  ce = protonet.cross_entropy(student, episode.query_labels, episode.query_mask)
+  teacher = dense_teacher(adapted, head, f_q, vjp_q, episode, hp)
+  f_pre_q = sg(features(theta_pre, episode.query_images, hp.vit))
+  pre = logits_of(f_pre_q, protos_pre, episode.class_mask, hp)
+  kd = 0.5 * (distillation(student, teacher, episode.query_mask, hp)
+              + distillation(student, pre, episode.query_mask, hp))
+  logit_penalty = jnp.mean(logits ** 2)
+  loss = hp.ce_weight * ce + hp.kd_weight * kd + hp.router_logit_weight * logit_penalty
+  metrics = {
+      "query_ce": ce, "kd": kd, "support_ce": support_ce, "support_accuracy": support_acc,
+      "query_accuracy": protonet.accuracy(student, episode.query_labels, episode.query_mask),
+      "teacher_accuracy": protonet.accuracy(teacher, episode.query_labels, episode.query_mask),
+      "pre_accuracy": protonet.accuracy(pre, episode.query_labels, episode.query_mask),
+      "router_logit_penalty": logit_penalty, "alpha": sg(alpha), "router_logits": sg(logits),
+  }
+  if sparsity is not None:
+    metrics.update(expert_sparsity=sparsity, merged_density=density)
+  return loss, metrics
+
+
+def protonet_loss(trainable, theta_pre, episode, hp: Hyper):
+  """P>M>F: query CE of ProtoNet on θ_pre + δ → (loss, metrics)."""
+  theta = jax.tree.map(jnp.add, theta_pre, trainable["delta"])
+  ways = episode.class_mask.shape[-1]
+  f_s = features(theta, episode.support_images, hp.vit)
+  protos = protonet.prototypes(f_s, episode.support_labels, episode.support_mask, ways)
+  logits = logits_of(features(theta, episode.query_images, hp.vit), protos, episode.class_mask,
+                     hp)
+  ce = protonet.cross_entropy(logits, episode.query_labels, episode.query_mask)
+  return ce, {"query_ce": ce,
+              "query_accuracy": protonet.accuracy(logits, episode.query_labels,
+                                                  episode.query_mask)}
+
+
+def zero_shot_params(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
+  """θ_task for evaluation: deterministic gates, α = normalised sigmoid(ℓ / T)."""
+  if hp.method == "pmf":
+    return jax.tree.map(jnp.add, theta_pre, trainable["delta"]), None
+  _, alpha, _ = route(router_params, theta_pre, episode, hp, temp)
+  return task_params(trainable, theta_pre, alpha, hp)[0], alpha
+
+
+def zero_shot_accuracy(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
+  """(query accuracy, α or None) of ProtoNet on θ_task: the zero-shot meta-test of one task."""
+  theta, alpha = zero_shot_params(trainable, theta_pre, router_params, episode, hp, temp)
+  ways = episode.class_mask.shape[-1]
+  protos = protonet.prototypes(features(theta, episode.support_images, hp.vit),
+                               episode.support_labels, episode.support_mask, ways)
+  logits = logits_of(features(theta, episode.query_images, hp.vit), protos, episode.class_mask,
+                     hp)
+  return protonet.accuracy(logits, episode.query_labels, episode.query_mask), alpha
+

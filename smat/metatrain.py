@@ -1,0 +1,285 @@
+"""Meta-training (SMAT, SoftMerge, PMF): `train_and_evaluate(config, workdir)`.
+
+The loop around `smat.meta.step.meta_train_step`: episodes from the seeded stream, sharded over
+a `Mesh` of all devices along the task axis; metrics fetched only at log steps; zero-shot
+validation on fixed validation episodes after every epoch; orbax checkpoints of the trainable
+state, optimiser state, router state, step, tasks seen, RNG and the episode stream position.
+
+Resume order: (1) the latest checkpoint in `<workdir>/checkpoints`, (2) a fresh start (δ = 0,
+log_α ~ N(0, 0.5²), λ = 0). θ_pre is read from `config.backbone` every time and never saved.
+`<workdir>/best` holds the checkpoint with the best validation accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from smat import fewshot, training
+from smat.data import loader
+from smat.errors import SmatError
+from smat.meta import step as meta_step
+from smat.meta import tasks
+from smat.models import checkpoint
+
+EXPERT_METHODS = ("smat", "softmerge")
+
+
+def hyper(config, vit_config) -> tasks.Hyper:
+  """The static hyper-parameters of the task loss from a config."""
+  e, t, r = config.experts, config.teacher, config.router
+  return tasks.Hyper(
+      method=config.method, vit=vit_config, num_experts=e.num_experts,
+      target_sparsity=e.target_sparsity, gate_noise=e.gate_noise, inner_lr=config.inner.lr,
+      teacher_lr=t.lr, kd_temperature=t.temperature, kd_direction=t.direction,
+      ce_weight=1.0 - t.weight, kd_weight=t.weight, router_logit_weight=r.logit_weight,
+      temperature_start=r.temperature_start, temperature_floor=r.temperature_floor,
+      temperature_decay_tasks=r.temperature_decay_tasks)
+
+
+def schedule_steps(config) -> tuple[int, int, int]:
+  """(steps per epoch, total steps, warm-up steps)."""
+  per_epoch = max(config.train.episodes_per_epoch // config.data.meta_batch_size, 1)
+  return per_epoch, per_epoch * config.train.epochs, per_epoch * config.optim.warmup_epochs
+
+
+@dataclasses.dataclass
+class Run:
+  """What a trained run needs to predict: method, θ_pre, trainable params, router state."""
+
+  hp: tasks.Hyper
+  theta_pre: dict
+  params: dict
+  router_state: dict
+  tasks_seen: int
+
+  @property
+  def temperature(self) -> float:
+    return float(self.hp.temperature(self.tasks_seen))
+
+  @functools.cached_property
+  def _zero_shot(self):
+    return jax.jit(functools.partial(meta_step.zero_shot_batch, hp=self.hp))
+
+  def zero_shot_accuracy(self, episodes) -> tuple[np.ndarray, np.ndarray | None]:
+    """Query accuracies [T] (and α [T, M]) of a stacked batch of episodes."""
+    acc, alpha = self._zero_shot(self.params, self.router_state, episodes, self.theta_pre,
+                                 self.temperature)
+    return np.asarray(acc), None if alpha is None else np.asarray(alpha)
+
+  def dense_params(self) -> dict:
+    """θ_pre + δ (PMF only: the one backbone every task shares)."""
+    if self.hp.method != "pmf":
+      raise SmatError(f"{self.hp.method} builds one backbone per task; use zero_shot_accuracy")
+    return jax.tree.map(lambda p, d: p + d, self.theta_pre, self.params["delta"])
+
+
+def evaluate(run: Run, batches, progress: str | None = None) -> dict:
+  """Zero-shot accuracy (%) with 95% CI and mean α over stacked episode batches."""
+  from tqdm.auto import tqdm
+
+  start, accuracies, alphas = time.perf_counter(), [], []
+  for batch in tqdm(batches, desc=progress, leave=False, disable=progress is None, unit="batch"):
+    acc, alpha = run.zero_shot_accuracy(batch)
+    accuracies.append(acc)
+    if alpha is not None:
+      alphas.append(alpha)
+  accuracies = np.concatenate(accuracies) * 100
+  mean, ci = fewshot.mean_ci(accuracies)
+  result = {"accuracy": mean, "ci95": ci, "episodes": int(accuracies.size),
+            "episodes_per_s": accuracies.size / (time.perf_counter() - start)}
+  if alphas:
+    result["alpha_mean"] = np.concatenate(alphas).mean(0).tolist()
+  return result
+
+
+def _save(manager, state: meta_step.MetaState, rng, data_state: dict, metrics=None) -> None:
+  import orbax.checkpoint as ocp
+
+  items = {"state": ocp.args.StandardSave({**state._asdict(), "rng": jax.random.key_data(rng)}),
+           "data": ocp.args.JsonSave(data_state)}
+  manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def restore(manager, state: meta_step.MetaState, rng, step: int | None = None):
+  """(state, rng, data-stream state or None) from `step` (default latest) of `manager`."""
+  import orbax.checkpoint as ocp
+
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return state, rng, None
+  target = {**state._asdict(), "rng": jax.random.key_data(rng)}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  fields = dict(restored["state"])
+  rng = jax.random.wrap_key_data(fields.pop("rng"))
+  return meta_step.MetaState(**fields), rng, restored["data"]
+
+
+def _setup(config):
+  """θ_pre, Hyper, optimiser and the initial state of a config (images of another size than
+  the backbone's run with resampled position embeddings)."""
+  theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
+  hp = hyper(config, vit_config)
+  _, total, warmup = schedule_steps(config)
+  optimizer = meta_step.make_optimizer(config.optim, total, warmup)
+  params, router_state = meta_step.init_params(
+      jax.random.key(config.seed), theta_pre, hp, config.experts.structured,
+      config.experts.freeze_embeddings)
+  return theta_pre, hp, optimizer, meta_step.init_state(params, router_state, optimizer)
+
+
+def load_run(workdir: str, which: str = "best") -> Run:
+  """A trained run from `<workdir>/config.json` and its `best` (or `checkpoints`) directory."""
+  from smat import config as config_lib
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise SmatError(f"{workdir}: no config.json; is it a `smat meta-train` workdir?")
+  config = config_lib.from_json(path)
+  theta_pre, hp, optimizer, state = _setup(config)
+  manager = training.checkpoint_manager(os.path.join(workdir, which), 1)
+  if manager.latest_step() is None:
+    raise SmatError(f"{workdir}/{which}: no checkpoint yet; train with `smat meta-train`")
+  state, _, _ = restore(manager, state, jax.random.key(0))
+  return Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
+
+
+def _host_metrics(metrics: dict, state) -> dict:
+  out = training.to_host(metrics)
+  out["tasks_seen"] = int(state.tasks_seen)
+  if "expert_sparsity" in out:
+    out["mean_expert_sparsity"] = float(np.mean(out["expert_sparsity"]))
+  return out
+
+
+def validation_batches(config, count: int | None = None):
+  """The fixed validation episodes (first `val.episodes` of the val split), in batches."""
+  source = loader.episode_source(config, "val")
+  return loader.fixed_episodes(source, count or config.val.episodes, config.val.batch_size,
+                               num_threads=config.data.loader_threads)
+
+
+def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
+                       progress: bool = True) -> dict:
+  """Meta-train (or resume) to the configured length; validate each epoch; keep the best.
+
+  `stop_after` ends this invocation after that many total steps (as a crash would); calling
+  again with the same config resumes exactly.
+  """
+  from tqdm.auto import tqdm
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  theta_pre, hp, optimizer, state = _setup(config)
+  per_epoch, total, _ = schedule_steps(config)
+  mesh = training.data_mesh()
+  batch_size = config.data.meta_batch_size
+  training.check_divisible(batch_size, "data.meta_batch_size", mesh)
+  replicated, sharded = training.shardings(mesh)
+  step_fn = meta_step.jit_step(hp, optimizer, replicated)
+  theta_pre = jax.device_put(theta_pre, replicated)
+  state = jax.device_put(state, replicated)
+
+  manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                        config.train.keep_checkpoints)
+  best_manager = training.checkpoint_manager(os.path.join(workdir, "best"), 1, "val_accuracy")
+  state, rng, data_state = restore(manager, state, jax.random.key(config.seed + 1))
+  start = int(state.step)
+  end = total if stop_after is None else min(stop_after, total)
+  source = loader.episode_source(config, "train")
+  batches = loader.batch_iterator(source, batch_size, total, config.data.loader_threads,
+                                  config.data.prefetch, jax.process_index(), jax.process_count(),
+                                  state=data_state)
+  val = validation_batches(config)
+  history = _read_history(workdir, start)
+  log = training.MetricsLog(workdir, resume_step=start)
+  bar = tqdm(total=total, initial=start, desc=f"meta-train {hp.method}", unit="step",
+             disable=not progress)
+  last_time, last_step, train_start = time.perf_counter(), start, time.perf_counter()
+  try:
+    for step in range(start, end):
+      episodes = training.local_slice(next(batches), sharded, batch_size)
+      state, metrics = step_fn(state, episodes, rng, theta_pre)
+      done = step + 1
+      epoch_end = done % per_epoch == 0 or done == total
+      if done % config.train.log_every == 0 or epoch_end or done == end:
+        scalars = _host_metrics(metrics, state)
+        _check_finite(state, manager, workdir)
+        now = time.perf_counter()
+        scalars["tasks_per_s"] = (done - last_step) * batch_size / max(now - last_time, 1e-9)
+        scalars["delta_lr"] = float(meta_step.delta_schedule(
+            config.optim, total, schedule_steps(config)[2])(done))
+        last_time, last_step = now, done
+        log.write(done, scalars)
+        bar.set_postfix(_postfix(scalars))
+      if epoch_end:
+        run = Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
+        result = evaluate(run, val)
+        history.append({"step": done, "epoch": done // per_epoch, **result})
+        log.write(done, {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
+        data = batches.get_state()
+        _save(manager, state, rng, data)
+        _save(best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
+        _write_history(workdir, history)
+        last_time = time.perf_counter()
+      bar.update(1)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    best_manager.wait_until_finished()
+    log.close()
+  summary = {"method": hp.method, "stopped_at": int(state.step), "total_steps": total,
+             "tasks_seen": int(state.tasks_seen), "validation": history,
+             "train_seconds": time.perf_counter() - train_start}
+  if history:
+    best = max(history, key=lambda h: h["accuracy"])
+    summary["best"] = {"step": best["step"], "val_accuracy": best["accuracy"],
+                       "val_ci95": best["ci95"]}
+  return summary
+
+
+def _postfix(scalars: dict) -> dict:
+  shown = {"loss": f"{scalars['loss']:.3f}", "acc": f"{scalars['query_accuracy']:.3f}"}
+  if "mean_expert_sparsity" in scalars:
+    shown["sparsity"] = f"{scalars['mean_expert_sparsity']:.3f}"
+  if "alpha" in scalars:
+    shown["T"] = f"{scalars['temperature']:.2f}"
+  return shown
+
+
+def _check_finite(state: meta_step.MetaState, manager, workdir: str) -> None:
+  bad = int(state.bad_step)
+  if bad >= 0:
+    good = manager.latest_step()
+    where = (f"the last good checkpoint is step {good} in {workdir}/checkpoints" if good
+             is not None else "no checkpoint was written yet")
+    raise SmatError(f"non-finite loss or gradient at step {bad + 1}; training stopped and {where}. "
+                    f"Lower optim.delta_lr / optim.gate_lr or raise optim.warmup_epochs and run "
+                    f"again.")
+
+
+def _history_path(workdir: str) -> str:
+  return os.path.join(workdir, "validation.json")
+
+
+def _read_history(workdir: str, upto_step: int) -> list:
+  if not os.path.exists(_history_path(workdir)):
+    return []
+  with open(_history_path(workdir)) as f:
+    return [h for h in json.load(f) if h["step"] <= upto_step]
+
+
+def _write_history(workdir: str, history: list) -> None:
+  tmp = _history_path(workdir) + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(history, f, indent=1)
+  os.replace(tmp, _history_path(workdir))

@@ -1,0 +1,668 @@
+"""Unit tests of the SMAT meta-training pieces (smat/meta/*) against hand-computed values.
+
+Gates, expected L0, expert merging, the Lagrangian budget, the router, the first-order inner
+step, distillation, gradient flow through the meta-batch loss, padding invariance and one jitted
+`meta_train_step` per method. Every model is a one-block 16-wide ViT on 8-px images, and the
+jitted functions are shared between tests (compilation dominates the run time).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from smat.data import episodes as episodes_lib
+from smat.meta import budget, defaults, experts, gates, router, step, tasks
+from smat.models import vit
+
+CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=8)
+M = 3  # experts
+BETA, ZETA, GAMMA = 2.0 / 3.0, 1.1, -0.1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def theta_pre():
+  return vit.init(CFG, jax.random.key(0))
+
+
+def hyper(method: str = "smat", **overrides) -> tasks.Hyper:
+  return tasks.Hyper(method=method, vit=CFG, num_experts=M, **overrides)
+
+
+def make_episode(seed: int, ways: int = 3, shots: int = 2, queries: int = 2,
+                 bucket=None) -> episodes_lib.Episode:
+  """Random uint8 images, labels 0..ways-1 in class order, optionally padded to `bucket`."""
+  rng = np.random.default_rng(seed)
+  size = CFG.image_size
+  image = lambda n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  labels = lambda n: np.repeat(np.arange(ways, dtype=np.int32), n)
+  episode = episodes_lib.Episode(
+      image(ways * shots), labels(shots), np.ones(ways * shots, bool),
+      image(ways * queries), labels(queries), np.ones(ways * queries, bool),
+      np.ones(ways, bool), np.asarray(0, np.int32))
+  return episode if bucket is None else episodes_lib.pad(episode, bucket)
+
+
+def meta_batch(seeds=(1, 2)) -> episodes_lib.Episode:
+  return episodes_lib.stack([make_episode(s) for s in seeds])
+
+
+def random_like(key, tree, scale: float):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(
+      treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def np_sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def np_log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def max_diff(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def tree_max_diff(a, b) -> float:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return max(max_diff(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def tree_max_abs(a) -> float:
+  return max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(a) if x.size)
+
+
+def features(t, images):
+  return vit.forward(t, vit.preprocess(jnp.asarray(images), CFG), CFG)
+
+
+_features = jax.jit(features)
+
+
+@functools.cache
+def smat_trainable(seed: int = 0, delta_scale: float = 0.05):
+  """smat params with a random δ (δ = 0 would zero the gate gradients) and router state."""
+  hp = hyper("smat")
+  params, router_state = step.init_params(jax.random.key(seed), theta_pre(), hp)
+  params = {**params, "delta": random_like(jax.random.key(seed + 100), params["delta"],
+                                           delta_scale)}
+  return params, router_state
+
+
+# ----------------------------------------------------------------------------- 1. gates
+
+
+def hard_concrete_np(u, log_alpha):
+  s = np_sigmoid((np.log(u) - np.log1p(-u) + log_alpha) / BETA)
+  return np.clip(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("width", [0.5, 0.2])
+def test_gate_sample_matches_closed_form(width):
+  key = jax.random.key(3)
+  log_alpha = jnp.asarray(np.random.default_rng(0).normal(0, 2, (7, 5)), jnp.float32)
+  u = jax.random.uniform(key, log_alpha.shape, jnp.float32, 0.5 - width, 0.5 + width)
+  u = np.clip(np.asarray(u, np.float64), 1e-6, 1 - 1e-6)
+  expected = hard_concrete_np(u, np.asarray(log_alpha, np.float64))
+  z = gates.sample(key, log_alpha, width)
+  np.testing.assert_allclose(np.asarray(z), expected, atol=2e-6)
+  assert 0.0 < expected.mean() < 1.0  # a mix of values, not all clipped
+
+
+def test_gate_deterministic_matches_closed_form_and_hits_0_and_1():
+  la = np.array([-30.0, -3.0, -1.0, 0.0, 0.7, 2.0, 3.0, 30.0], np.float32)
+  expected = np.clip(np_sigmoid(la) * 1.2 - 0.1, 0.0, 1.0)
+  z = np.asarray(gates.deterministic(jnp.asarray(la)))
+  np.testing.assert_allclose(z, expected, atol=1e-6)
+  assert z[0] == 0.0 and z[1] == 0.0  # sigmoid(-3)·1.2 − 0.1 < 0: exactly zero
+  assert z[-1] == 1.0 and z[-2] == 1.0  # sigmoid(3)·1.2 − 0.1 > 1: exactly one
+  assert 0.0 < z[3] < 1.0 and z[3] == pytest.approx(0.5)
+
+
+def test_gate_samples_are_exactly_0_and_1_with_positive_probability():
+  extreme = gates.sample(jax.random.key(0), jnp.array([-50.0, 50.0] * 100))
+  np.testing.assert_array_equal(np.asarray(extreme), np.array([0.0, 1.0] * 100, np.float32))
+  z = np.asarray(gates.sample(jax.random.key(1), jnp.zeros((20000,))))
+  # With log α = 0: P(z = 0) = P(z = 1) = 1 − sigmoid(β ln 11) ≈ 0.169.
+  p_edge = 1.0 - np_sigmoid(BETA * math.log(11.0))
+  assert abs((z == 0).mean() - p_edge) < 0.015
+  assert abs((z == 1).mean() - p_edge) < 0.015
+  assert ((z > 0) & (z < 1)).mean() > 0.5
+
+
+def test_reference_noise_is_deterministic_with_temperature_beta():
+  la = jnp.linspace(-4.0, 4.0, 41)
+  expected = np.clip(np_sigmoid(np.asarray(la) / BETA) * 1.2 - 0.1, 0.0, 1.0)
+  for seed in range(3):
+    z = gates.sample(jax.random.key(seed), la, gates.REFERENCE_NOISE)
+    np.testing.assert_allclose(np.asarray(z), expected, atol=2e-5)
+  # ... which is not the evaluation gate (sigmoid(log α), no β).
+  assert max_diff(gates.deterministic(la), expected) > 0.1
+
+
+# ----------------------------------------------------------------------------- 2. expected L0
+
+
+def test_prob_nonzero_closed_form_and_monte_carlo():
+  la = np.array([-2.0, 0.0, 1.5], np.float32)
+  p = np.asarray(gates.prob_nonzero(jnp.asarray(la)))
+  np.testing.assert_allclose(p, np_sigmoid(la + BETA * math.log(11.0)), rtol=1e-5)
+  draws = 100_000
+  z = gates.sample(jax.random.key(7), jnp.repeat(jnp.asarray(la)[:, None], draws, 1))
+  frequency = np.asarray((z != 0).mean(1))
+  np.testing.assert_allclose(frequency, p, atol=0.01)
+
+
+def _hand_expected_l0(gate_tree, params):
+  """Element-weighted mean of P(z ≠ 0), each gate broadcast onto the elements it covers."""
+  total, nonzero = 0, np.zeros(M)
+  for g, p in zip(jax.tree.leaves(gate_tree), jax.tree.leaves(params)):
+    total += p.size
+    if g.size == 0:
+      continue
+    pnz = np_sigmoid(np.asarray(g) + BETA * math.log(11.0))
+    nonzero += np.stack([np.broadcast_to(pnz[k], p.shape).sum() for k in range(M)])
+  return nonzero / total
+
+
+@pytest.mark.parametrize("structured,freeze", [(False, False), (True, False), (True, True)])
+def test_expected_l0_is_element_weighted_mean(structured, freeze):
+  theta = theta_pre()
+  g = experts.init_gates(jax.random.key(5), theta, M, structured=structured,
+                         freeze_embeddings=freeze, std=2.0)
+  query = g["blocks"]["attn"]["query"]["kernel"]
+  patch = g["patch_embed"]["kernel"]
+  if structured:
+    assert query.shape == (M, 1, 16, 1)  # one gate per input column of [L, in, out]
+    assert g["blocks"]["attn"]["query"]["bias"].shape == (M, 1, 16)
+  else:
+    assert query.shape == (M, 1, 16, 16)
+  if freeze:
+    assert patch.shape == (M, 0) and g["pos_embed"].shape == (M, 0)
+    assert g["cls_token"].shape == (M, 0)
+  elif structured:
+    assert patch.shape == (M, 1, 1, 1, 16)  # one gate per output channel of the patch conv
+  l0 = np.asarray(experts.expected_l0(g, theta))
+  np.testing.assert_allclose(l0, _hand_expected_l0(g, theta), rtol=1e-5)
+  if freeze:  # the embeddings are counted as zero: below the gated-only mean
+    embeddings = sum(x.size for k in ("patch_embed", "cls_token", "pos_embed")
+                     for x in jax.tree.leaves(theta[k]))
+    assert embeddings > 0
+    assert np.all(l0 <= 1.0 - embeddings / experts.total_size(theta) + 1e-6)
+
+
+# ----------------------------------------------------------------------------- 3. experts
+
+
+def _toy_params():
+  """Backbone-like tree: a structured leaf [4, 3] (gates [M, 4, 1]), a per-element leaf [2, 5]
+  and a leaf without gates [6]."""
+  rng = np.random.default_rng(1)
+  params = {"a": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(2, 5)), jnp.float32),
+            "c": jnp.asarray(rng.normal(size=(6,)), jnp.float32)}
+  masks = {"a": jnp.asarray(rng.uniform(size=(M, 4, 1)), jnp.float32),
+           "b": jnp.asarray(rng.uniform(size=(M, 2, 5)), jnp.float32),
+           "c": jnp.zeros((M, 0))}
+  return params, masks
+
+
+def test_merge_and_interpolate_by_hand():
+  params, masks = _toy_params()
+  alpha = jnp.array([0.2, 0.5, 0.3])
+  merged = experts.merge(alpha, masks)
+  for name in ("a", "b"):
+    hand = sum(float(alpha[k]) * np.asarray(masks[name][k]) for k in range(M))
+    np.testing.assert_allclose(np.asarray(merged[name]), hand, rtol=1e-6)
+  assert merged["c"].size == 0
+  delta = random_like(jax.random.key(0), params, 1.0)
+  theta = experts.interpolate(params, delta, merged)
+  for name in ("a", "b"):
+    hand = np.asarray(params[name]) + np.asarray(merged[name]) * np.asarray(delta[name])
+    np.testing.assert_allclose(np.asarray(theta[name]), hand, rtol=1e-6, atol=1e-7)
+  # Structured: row i of "a" moves by m[i] · δ[i, :].
+  np.testing.assert_allclose(np.asarray(theta["a"] - params["a"])[2],
+                             float(merged["a"][2, 0]) * np.asarray(delta["a"])[2], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(theta["c"]), np.asarray(params["c"]))  # no gates
+  assert max_diff(theta["b"], params["b"]) > 0.01
+
+
+def test_sparsity_counts_exact_zeros_weighted_by_coverage():
+  params, masks = _toy_params()
+  a = np.asarray(masks["a"]).copy()
+  b = np.asarray(masks["b"]).copy()
+  a[0, [0, 2], 0] = 0.0  # expert 0: 2 structured gates off → 6 elements
+  b[0].flat[[1, 4, 7]] = 0.0  # 3 elements
+  a[1] = 0.0  # expert 1: all of "a" (12)
+  b[1].flat[0] = 1e-30  # tiny but not zero: counts as non-zero
+  masks = {"a": jnp.asarray(a), "b": jnp.asarray(b), "c": masks["c"]}
+  total = 12 + 10 + 6  # "c" has no gates: always sparse
+  expected = np.array([(6 + 3 + 6) / total, (12 + 6) / total, 6 / total])
+  np.testing.assert_allclose(np.asarray(experts.sparsity(masks, params)), expected, rtol=1e-6)
+  merged = experts.merge(jnp.array([0.5, 0.5, 0.0]), masks)
+  # m = 0 only where experts 0 and 1 are both 0: rows 0 and 2 of "a" (6 elements).
+  np.testing.assert_allclose(float(experts.merged_density(merged, params)),
+                             (12 - 6 + 10) / total, rtol=1e-6)
+
+
+def test_soft_merge_by_hand():
+  params, _ = _toy_params()
+  deltas = random_like(jax.random.key(1), jax.tree.map(lambda p: jnp.zeros((M,) + p.shape),
+                                                       params), 1.0)
+  alpha = jnp.array([0.6, 0.1, 0.3])
+  theta = experts.soft_merge(params, deltas, alpha)
+  for name in params:
+    hand = np.asarray(params[name]) + sum(float(alpha[k]) * np.asarray(deltas[name][k])
+                                          for k in range(M))
+    np.testing.assert_allclose(np.asarray(theta[name]), hand, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 4. budget
+
+
+def test_lagrangian_sgd_step_is_ascent_on_the_violation():
+  alpha = jnp.array([0.5, 0.2, 0.3])
+  lam = jnp.array([0.3, 0.0, 0.5])
+  sparsity = jnp.array([0.5, 0.95, 0.89])
+  tau, lr = 0.9, 2e-3
+  grads = jax.grad(budget.lagrangian, (0, 1, 2))(alpha, lam, sparsity, tau)
+  assert not np.any(np.asarray(grads[0])) and not np.any(np.asarray(grads[2]))
+  opt = optax.sgd(lr)
+  updates, _ = opt.update(grads[1], opt.init(lam))
+  new = np.asarray(optax.apply_updates(lam, updates), np.float64)
+  expected = np.asarray(lam) + lr * np.asarray(alpha) * (tau - np.asarray(sparsity))
+  np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-9)
+  assert new[0] > 0.3 and new[2] > 0.5  # denser than τ: λ grows
+  assert new[1] < 0.0  # sparser than τ: the step alone would go negative, hence `reset`
+
+
+def test_budget_reset_zeros_satisfied_experts():
+  lam = jnp.array([1.0, 2.0, 3.0, 4.0])
+  sparsity = jnp.array([0.95, 0.5, 0.2, 0.99])
+  np.testing.assert_array_equal(np.asarray(budget.reset(lam, sparsity, 0.9)), [0, 2, 3, 0])
+
+
+def test_sparsity_loss_gradients_go_to_the_gates_only():
+  params, _ = _toy_params()
+  params = {"a": params["a"], "b": params["b"]}
+  rng = np.random.default_rng(2)
+  gate_logits = {"a": jnp.asarray(rng.normal(size=(M, 4, 1)), jnp.float32),
+                 "b": jnp.asarray(rng.normal(size=(M, 2, 5)), jnp.float32)}
+  alpha = jnp.array([0.5, 0.2, 0.3])
+  lam = jnp.array([0.7, 1.5, 0.0])
+  tau = 0.9
+  fn = lambda a, l, g: budget.sparsity_loss(a, l, experts.expected_l0(g, params), tau)
+  g_alpha, g_lam, g_gates = jax.grad(fn, (0, 1, 2))(alpha, lam, gate_logits)
+  assert not np.any(np.asarray(g_alpha)) and not np.any(np.asarray(g_lam))
+  total = 12 + 10
+  for name, coverage in (("a", 3), ("b", 1)):
+    p = np_sigmoid(np.asarray(gate_logits[name]) + BETA * math.log(11.0))
+    weight = (np.asarray(alpha) * np.asarray(lam)).reshape(M, *[1] * (p.ndim - 1))
+    expected = weight * coverage * p * (1 - p) / total
+    np.testing.assert_allclose(np.asarray(g_gates[name]), expected, rtol=1e-4, atol=1e-9)
+  assert not np.any(np.asarray(g_gates["b"][2]))  # λ = 0: no pressure
+  assert np.all(np.asarray(g_gates["b"][:2]) > 0)  # descending it lowers log α (sparser)
+
+
+# ----------------------------------------------------------------------------- 5. router
+
+
+@functools.cache
+def router_init(num_experts: int = M):
+  return router.init(jax.random.key(11), CFG.width, num_experts)
+
+
+def test_interpolation_weights_sum_to_one():
+  logits = jnp.array([1.5, -0.5, 0.2, -3.0])
+  temp = 2.0
+  s = router.scores(logits, temp)
+  np.testing.assert_allclose(np.asarray(s), np_sigmoid(np.asarray(logits) / temp), rtol=1e-6)
+  for key in (None, jax.random.key(0), jax.random.key(1)):
+    alpha = np.asarray(router.interpolation_weights(router.scores(logits, temp, key)))
+    assert np.all(alpha >= 0)
+    assert alpha.sum() == pytest.approx(1.0, abs=1e-6)
+  key = jax.random.key(2)
+  u = np.clip(np.asarray(jax.random.uniform(key, logits.shape), np.float64), 1e-6, 1 - 1e-6)
+  relaxed = np_sigmoid((np.asarray(logits) + np.log(u) - np.log1p(-u)) / temp)
+  np.testing.assert_allclose(np.asarray(router.scores(logits, temp, key)), relaxed, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(router.interpolation_weights(jnp.asarray(relaxed))),
+                             relaxed / relaxed.sum(), rtol=1e-5)
+  one = jnp.array([0.3])  # one expert: α = s, as in the paper
+  assert float(router.interpolation_weights(one)[0]) == pytest.approx(0.3)
+
+
+def test_router_temperature_schedule_counts_tasks():
+  seen = np.array([0, 2000, 4000, 16000, 18000, 10**6])
+  np.testing.assert_allclose(np.asarray(router.temperature(seen)),
+                             [5.0, 4.5, 4.0, 1.0, 0.5, 0.5], rtol=1e-6)
+  assert float(hyper().temperature(4000)) == pytest.approx(4.0)
+
+
+def test_expert_logits_ignore_padded_classes():
+  params, state = router_init()
+  params = router.spectral_normalize(params, state)
+  protos = jax.random.normal(jax.random.key(0), (3, CFG.width))
+  logits = router.expert_logits(params, protos, jnp.ones(3, bool))
+  garbage = 100.0 * jax.random.normal(jax.random.key(1), (2, CFG.width))
+  padded = router.expert_logits(params, jnp.concatenate([protos, garbage]),
+                                jnp.array([True, True, True, False, False]))
+  assert logits.shape == (M,)
+  np.testing.assert_allclose(np.asarray(padded), np.asarray(logits), atol=1e-5)
+  # ... while a valid class does change them.
+  unmasked = router.expert_logits(params, jnp.concatenate([protos, garbage]), jnp.ones(5, bool))
+  assert max_diff(unmasked, logits) > 1e-3
+
+
+def test_spectral_normalisation_converges_to_unit_norm():
+  params, state = router_init()
+  raw = {n: np.linalg.svd(np.asarray(params[n]["kernel"]), compute_uv=False)[0]
+         for n in router.SPECTRAL_LAYERS}
+  assert max(abs(s - 1.0) for s in raw.values()) > 0.2, raw  # not unit norm to begin with
+  iterate = jax.jit(lambda s: jax.lax.fori_loop(
+      0, 300, lambda _, x: router.power_iteration(params, x), s))
+  normalised = router.spectral_normalize(params, iterate(state))
+  for name in router.SPECTRAL_LAYERS:
+    top = np.linalg.svd(np.asarray(normalised[name]["kernel"], np.float64), compute_uv=False)[0]
+    assert top == pytest.approx(1.0, abs=1e-3), name
+    np.testing.assert_allclose(np.asarray(normalised[name]["kernel"]),
+                               np.asarray(params[name]["kernel"]) / raw[name], rtol=1e-3,
+                               atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 6. inner step
+
+INNER_LR = 0.5
+_PADDED_EPISODE = dict(seed=3, ways=2, shots=2, queries=2, bucket=(3, 6, 5))
+
+
+def _hand_support_ce_from_features(f, protos, ep):
+  """Support CE of ProtoNet over the valid rows and classes only (no masks involved)."""
+  valid = np.asarray(ep.support_mask)
+  ways = int(np.asarray(ep.class_mask).sum())
+  labels = np.asarray(ep.support_labels)[valid]
+  f = f[valid]
+  fn = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+  pn = protos[:ways] / jnp.linalg.norm(protos[:ways], axis=-1, keepdims=True)
+  log_p = jax.nn.log_softmax(10.0 * fn @ pn.T)
+  return -jnp.mean(log_p[np.arange(len(labels)), labels])
+
+
+def _hand_prototypes(f, ep):
+  valid = np.asarray(ep.support_mask)
+  labels = np.asarray(ep.support_labels)
+  ways = np.asarray(ep.class_mask).shape[0]
+  rows = [f[valid & (labels == c)].mean(0) if np.any(valid & (labels == c))
+          else jnp.zeros(f.shape[-1]) for c in range(ways)]
+  return jnp.stack(rows)
+
+
+def test_inner_step_is_first_order_sgd_on_support_ce():
+  ep = make_episode(**_PADDED_EPISODE)
+  hp = hyper(inner_lr=INNER_LR)
+  theta = theta_pre()
+  adapted, head, ce, acc = jax.jit(tasks.inner_step, static_argnums=2)(theta, ep, hp)
+  f_s = features(theta, ep.support_images)
+  protos = _hand_prototypes(f_s, ep)
+  hand_ce = lambda t: _hand_support_ce_from_features(features(t, ep.support_images), protos, ep)
+  g = jax.grad(hand_ce)(theta)
+  expected = jax.tree.map(lambda p, d: p - INNER_LR * d, theta, g)
+  assert tree_max_diff(adapted, expected) < 1e-5
+  assert tree_max_diff(adapted, theta) > 1e-3  # the step is not negligible
+  assert float(ce) == pytest.approx(float(hand_ce(theta)), abs=1e-5)
+  g_head = jax.grad(_hand_support_ce_from_features, 1)(f_s, protos, ep)
+  np.testing.assert_allclose(np.asarray(head), np.asarray(protos - INNER_LR * g_head), atol=1e-5)
+  assert not np.any(np.asarray(head)[2])  # the padded class stays a zero prototype
+  assert max_diff(head, protos) > 1e-3
+  assert 0.0 <= float(acc) <= 1.0
+
+
+def test_inner_step_is_not_differentiated_through():
+  ep = make_episode(**_PADDED_EPISODE)
+  hp = hyper(inner_lr=INNER_LR)
+  theta = theta_pre()
+  projection = jax.random.normal(jax.random.key(9), (ep.query_images.shape[0], CFG.width))
+  f = lambda t: jnp.sum(features(t, ep.query_images) * projection)
+  ours = jax.jit(jax.grad(lambda t: f(tasks.inner_step(t, ep, hp)[0])))(theta)
+  adapted = tasks.inner_step(theta, ep, hp)[0]
+  direct = jax.grad(f)(adapted)
+  assert tree_max_diff(ours, direct) < 1e-4 * max(1.0, tree_max_abs(direct))
+  # A second-order step would differ measurably (so the comparison above can fail).
+  protos = _hand_prototypes(features(theta, ep.support_images), ep)
+  hand_ce = lambda t: _hand_support_ce_from_features(features(t, ep.support_images), protos, ep)
+  second = jax.grad(lambda t: f(jax.tree.map(lambda p, d: p - INNER_LR * d, t,
+                                             jax.grad(hand_ce)(t))))(theta)
+  assert tree_max_diff(second, direct) > 100 * tree_max_diff(ours, direct) + 1e-3
+  # The head's gradient flows through the prototypes of θ (straight-through re-attach).
+  weights = jax.random.normal(jax.random.key(10), (3, CFG.width))
+  head_grad = jax.grad(lambda t: jnp.sum(tasks.inner_step(t, ep, hp)[1] * weights))(theta)
+  proto_grad = jax.grad(lambda t: jnp.sum(
+      _hand_prototypes(features(t, ep.support_images), ep) * weights))(theta)
+  assert tree_max_diff(head_grad, proto_grad) < 1e-5 * max(1.0, tree_max_abs(proto_grad))
+  assert tree_max_abs(proto_grad) > 1e-3
+
+
+# ----------------------------------------------------------------------------- 7. distillation
+
+
+def _np_kl(p_logits, q_logits, t):
+  log_p, log_q = np_log_softmax(p_logits / t), np_log_softmax(q_logits / t)
+  return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def test_distillation_directions_by_hand():
+  rng = np.random.default_rng(4)
+  student = rng.normal(0, 3, (5, 4)).astype(np.float32)
+  teacher = rng.normal(0, 3, (5, 4)).astype(np.float32)
+  student[4], teacher[4] = 1e4, -1e4  # a padded row with garbage
+  mask = np.array([True, True, True, True, False])
+  t = 2.0
+  reverse = float(tasks.distillation(student, teacher, mask, hyper(kd_direction="reverse")))
+  forward = float(tasks.distillation(student, teacher, mask, hyper(kd_direction="forward")))
+  assert reverse == pytest.approx(t * t * _np_kl(student[:4], teacher[:4], t).mean(), rel=1e-5)
+  assert forward == pytest.approx(t * t * _np_kl(teacher[:4], student[:4], t).mean(), rel=1e-5)
+  assert abs(reverse - forward) > 1e-2
+  # T = 1 and a different temperature change the value as T² · KL(T) says.
+  hp1 = hyper(kd_temperature=1.0)
+  assert float(tasks.distillation(student, teacher, mask, hp1)) == pytest.approx(
+      _np_kl(student[:4], teacher[:4], 1.0).mean(), rel=1e-5)
+  # Padded classes (−1e9 in both) change nothing.
+  neg = np.full((5, 2), -1e9, np.float32)
+  padded = float(tasks.distillation(np.concatenate([student, neg], 1),
+                                    np.concatenate([teacher, neg], 1), mask, hyper()))
+  assert padded == pytest.approx(reverse, rel=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_distillation_gradient_reaches_the_student_only(direction):
+  rng = np.random.default_rng(5)
+  student = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  teacher = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  mask = jnp.array([True, True, False, True])
+  hp = hyper(kd_direction=direction)
+  g_s, g_t = jax.grad(tasks.distillation, (0, 1))(student, teacher, mask, hp)
+  assert not np.any(np.asarray(g_t))
+  assert not np.any(np.asarray(g_s)[2])  # padded row
+  assert np.all(np.abs(np.asarray(g_s)[[0, 1, 3]]).sum(-1) > 1e-4)
+
+
+# ----------------------------------------------------------------------------- 8. gradient flow
+
+
+@functools.cache
+def _loss_grad():
+  hp = hyper("smat")
+  fn = lambda params, rs, th, eps, keys, temp: step._loss(params, rs, th, eps, keys, temp, hp)
+  return jax.jit(jax.value_and_grad(fn, (0, 2), has_aux=True))
+
+
+def test_meta_batch_loss_gradient_flow():
+  hp = hyper("smat")
+  params, router_state = smat_trainable()
+  theta = theta_pre()
+  batch = meta_batch()
+  keys = step._task_keys(jax.random.key(4), 2)
+  (loss, (metrics, extra)), (grads, g_theta) = _loss_grad()(
+      params, router_state, theta, batch, keys, hp.temperature(0))
+  assert np.isfinite(float(loss))
+  for group in ("delta", "gates", "router"):
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grads[group]))
+    assert tree_max_abs(grads[group]) > 0, group
+  for name in ("keys", "skills", "qkv", "fc2"):  # every router part learns
+    assert tree_max_abs(grads["router"][name]) > 0, name
+  # λ moves only while an expert is denser than τ: here all are (≈ 17 % zero gates at init),
+  # and by exactly mean_t α_t,k (sparsity_t,k − τ).
+  sparsity = np.asarray(metrics["expert_sparsity"])
+  assert np.all(sparsity.mean(0) < hp.target_sparsity)
+  expected = (np.asarray(metrics["alpha"]) * (sparsity - hp.target_sparsity)).mean(0)
+  np.testing.assert_allclose(np.asarray(grads["lam"]), expected, rtol=1e-5)
+  assert np.all(np.asarray(grads["lam"]) < 0)
+  # θ_pre is frozen: its gradient is exactly zero everywhere.
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g_theta)), (
+      "non-zero gradient w.r.t. θ_pre", tree_max_abs(g_theta))
+
+
+def test_lambda_gets_no_gradient_once_every_expert_is_sparse():
+  hp = hyper("smat")
+  params, router_state = smat_trainable()
+  sparse = jax.tree.map(lambda g: jnp.full_like(g, gates.LOG_ALPHA_MIN), params["gates"])
+  params = {**params, "gates": sparse, "lam": jnp.ones((M,))}
+  keys = step._task_keys(jax.random.key(4), 2)
+  (_, (metrics, _)), (grads, _) = _loss_grad()(params, router_state, theta_pre(), meta_batch(),
+                                               keys, hp.temperature(0))
+  sparsity = np.asarray(metrics["expert_sparsity"])
+  assert np.all(sparsity > hp.target_sparsity)
+  # L_lagr still has gradient α (s − τ) > 0, but after `reset` the step sets λ to
+  # 0 − lr·that; L_sparse (reset λ = 0) gives the gates no budget pressure.
+  assert np.all(np.asarray(grads["lam"]) > 0)
+
+
+# ----------------------------------------------------------------------------- 9. padding
+
+
+@functools.cache
+def _expert_loss():
+  return jax.jit(tasks.expert_loss, static_argnums=6)
+
+
+@functools.cache
+def _zero_shot():
+  return jax.jit(tasks.zero_shot_accuracy, static_argnums=4)
+
+
+def test_padded_episode_gives_the_same_loss_and_metrics():
+  hp = hyper("smat")
+  params, router_state = smat_trainable()
+  router_params = router.spectral_normalize(params["router"], router_state)
+  ep = make_episode(6)
+  padded = episodes_lib.pad(ep, (5, 9, 8))
+  assert padded.shape_key == (5, 9, 8)
+  key, temp = jax.random.key(12), hp.temperature(0)
+  loss, metrics = _expert_loss()(params, theta_pre(), router_params, ep, key, temp, hp)
+  loss_p, metrics_p = _expert_loss()(params, theta_pre(), router_params, padded, key, temp, hp)
+  assert float(loss_p) == pytest.approx(float(loss), abs=1e-5)
+  assert metrics.keys() == metrics_p.keys()
+  for name in metrics:
+    np.testing.assert_allclose(np.asarray(metrics_p[name]), np.asarray(metrics[name]),
+                               atol=1e-5, err_msg=name)
+  assert float(metrics["kd"]) > 0
+  # A different key gives a different loss (the comparison above is not vacuous).
+  other, _ = _expert_loss()(params, theta_pre(), router_params, ep, jax.random.key(13), temp, hp)
+  assert abs(float(other) - float(loss)) > 1e-6
+  acc, alpha = _zero_shot()(params, theta_pre(), router_params, ep, hp, temp)
+  acc_p, alpha_p = _zero_shot()(params, theta_pre(), router_params, padded, hp, temp)
+  assert float(acc_p) == float(acc)
+  np.testing.assert_allclose(np.asarray(alpha_p), np.asarray(alpha), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 10. train step
+
+EXPECTED_GROUPS = {"smat": {"delta", "gates", "lam", "router"},
+                   "softmerge": {"delta", "router"}, "pmf": {"delta"}}
+
+
+@functools.cache
+def _train_step(method: str):
+  hp = hyper(method)
+  optimizer = step.make_optimizer(defaults.base().optim, total_steps=100, warmup_steps=0)
+  return hp, optimizer, step.jit_step(hp, optimizer)
+
+
+def _initial_state(method: str):
+  hp, optimizer, _ = _train_step(method)
+  if method == "smat":
+    params, router_state = smat_trainable()
+    params = {**params, "lam": jnp.full((M,), 0.5)}
+  else:
+    params, router_state = step.init_params(jax.random.key(0), theta_pre(), hp)
+    if method == "softmerge":  # δ = 0 would leave the router only its logit penalty
+      params = {**params, "delta": random_like(jax.random.key(1), params["delta"], 0.05)}
+  return step.init_state(params, router_state, optimizer)
+
+
+def _changed(new, old) -> bool:
+  return any(np.any(np.asarray(a) != np.asarray(b))
+             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+@pytest.mark.parametrize("method", ["smat", "softmerge", "pmf"])
+def test_meta_train_step(method):
+  hp, _, train = _train_step(method)
+  state = _initial_state(method)
+  theta = theta_pre()
+  batch = meta_batch()
+  rng = jax.random.key(21)
+  old = jax.device_get(state)  # the step donates its state
+
+  state, summary = train(state, batch, rng, theta)
+  assert set(state.params) == EXPECTED_GROUPS[method]
+  assert jax.tree.structure(state.params) == jax.tree.structure(old.params)
+  for group in EXPECTED_GROUPS[method]:
+    assert _changed(state.params[group], old.params[group]), group
+  assert int(state.step) == 1 and int(state.tasks_seen) == 2 and int(state.bad_step) == -1
+  assert float(summary["finite"]) == 1.0
+  assert float(summary["temperature"]) == pytest.approx(5.0)
+  if method == "pmf":
+    assert state.router_state == {}
+  else:
+    assert _changed(state.router_state, old.router_state)  # one power iteration
+  if method == "smat":
+    lam_old, lam_new = np.asarray(old.params["lam"]), np.asarray(state.params["lam"])
+    assert np.all(lam_new > lam_old)  # every expert is denser than τ: ascent
+    assert np.all(lam_new - lam_old <= defaults.base().optim.lambda_lr * hp.target_sparsity)
+    g = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.params["gates"])])
+    lo, hi = np.float32(gates.LOG_ALPHA_MIN), np.float32(gates.LOG_ALPHA_MAX)
+    assert np.all(g >= lo) and np.all(g <= hi)
+    assert np.any(g == lo)  # lr 1e6 drove some gates to the clamp
+    assert max_diff(g, np.concatenate([np.asarray(x).ravel() for x in
+                                       jax.tree.leaves(old.params["gates"])])) > 1.0
+
+  # A non-finite loss (NaN in θ_pre) leaves the state as it was and records the step.
+  good = jax.device_get(state)
+  broken = jax.tree.map(lambda x: x, theta)
+  broken["norm"] = {**broken["norm"], "scale": broken["norm"]["scale"].at[0].set(jnp.nan)}
+  state, summary = train(state, batch, rng, broken)
+  assert float(summary["finite"]) == 0.0
+  assert int(state.bad_step) == 1 and int(state.step) == 2
+  assert tree_max_diff(state.params, good.params) == 0.0
+  assert tree_max_diff(state.opt_state, good.opt_state) == 0.0
+  if method != "pmf":
+    assert tree_max_diff(state.router_state, good.router_state) == 0.0
+  # The next good step trains again and keeps the first bad step.
+  before = jax.device_get(state)
+  state, summary = train(state, batch, rng, theta)
+  assert float(summary["finite"]) == 1.0 and int(state.bad_step) == 1
+  assert int(state.step) == 3
+  assert _changed(state.params["delta"], before.params["delta"])
+  assert float(summary["temperature"]) == pytest.approx(5.0 - int(before.tasks_seen) / 4000)
