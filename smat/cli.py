@@ -29,6 +29,14 @@ import sys
 from smat.errors import SmatError
 
 
+def _distributed_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--distributed", action="store_true",
+                      help="multi-host run: call jax.distributed.initialize() first (coordinator "
+                           "and process ids from SLURM / TPU pod / Open MPI, or "
+                           "JAX_COORDINATOR_ADDRESS=host:port, SMAT_NUM_PROCESSES, SMAT_PROCESS_ID); every "
+                           "process runs the same command and feeds its slice of each batch")
+
+
 def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data-dir", default=None,
                       help="where built datasets live (default: $SMAT_DATA_DIR or ~/.cache/smat)")
@@ -115,14 +123,28 @@ def _cmd_reproduce(args) -> None:
 def _cmd_pretrain(args) -> None:
   from smat import config, pretrain
 
+  _distributed(args)
   result = pretrain.pretrain(config.load(args.config, args.overrides), args.workdir)
   print(f"backbone: {args.workdir}/backbone")
   print(result["table"])
 
 
+def _distributed(args) -> None:
+  """Multi-host: join the jax.distributed runtime before any device is touched."""
+  if args.distributed:
+    import os
+
+    import jax
+
+    counts = {"num_processes": "SMAT_NUM_PROCESSES", "process_id": "SMAT_PROCESS_ID"}
+    jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in counts.items()
+                                  if v in os.environ})
+
+
 def _cmd_meta_train(args) -> None:
   from smat import config, metatrain
 
+  _distributed(args)
   summary = metatrain.train_and_evaluate(config.load(args.config, args.overrides), args.workdir)
   if summary["stopped_at"] < summary["total_steps"]:
     print(f"stopped at step {summary['stopped_at']} of {summary['total_steps']}")
@@ -232,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file[:variant] (default: configs/pretrain_glyphs.py)")
   pretrain.add_argument("--workdir", required=True,
                         help="checkpoints, logs and the exported backbone go here")
+  _distributed_arg(pretrain)
   pretrain.set_defaults(run=_cmd_pretrain)
 
   meta = commands.add_parser(
@@ -246,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config file[:variant] (default: configs/smat_glyphs.py; variants "
                          "smoke, reference)")
   meta.add_argument("--workdir", required=True, help="checkpoints and logs go here")
+  _distributed_arg(meta)
   meta.set_defaults(run=_cmd_meta_train)
 
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")

@@ -13,7 +13,6 @@ log_α ~ N(0, 0.5²), λ = 0). θ_pre is read from `config.backbone` every time 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -49,6 +48,9 @@ def schedule_steps(config) -> tuple[int, int, int]:
   return per_epoch, per_epoch * config.train.epochs, per_epoch * config.optim.warmup_epochs
 
 
+_zero_shot = jax.jit(meta_step.zero_shot_batch, static_argnames="hp")  # one per (hp, shape)
+
+
 @dataclasses.dataclass
 class Run:
   """What a trained run needs to predict: method, θ_pre, trainable params, router state."""
@@ -63,14 +65,10 @@ class Run:
   def temperature(self) -> float:
     return float(self.hp.temperature(self.tasks_seen))
 
-  @functools.cached_property
-  def _zero_shot(self):
-    return jax.jit(functools.partial(meta_step.zero_shot_batch, hp=self.hp))
-
   def zero_shot_accuracy(self, episodes) -> tuple[np.ndarray, np.ndarray | None]:
     """Query accuracies [T] (and α [T, M]) of a stacked batch of episodes."""
-    acc, alpha = self._zero_shot(self.params, self.router_state, episodes, self.theta_pre,
-                                 self.temperature)
+    acc, alpha = _zero_shot(self.params, self.router_state, episodes, self.theta_pre,
+                            self.temperature, hp=self.hp)
     return np.asarray(acc), None if alpha is None else np.asarray(alpha)
 
   def dense_params(self) -> dict:
@@ -193,6 +191,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
                                         config.train.keep_checkpoints)
   best_manager = training.checkpoint_manager(os.path.join(workdir, "best"), 1, "val_accuracy")
   state, rng, data_state = restore(manager, state, jax.random.key(config.seed + 1))
+  rng = jax.device_put(rng, replicated)  # fresh and restored runs share one compiled step
   start = int(state.step)
   end = total if stop_after is None else min(stop_after, total)
   source = loader.episode_source(config, "train")
@@ -241,7 +240,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
              "tasks_seen": int(state.tasks_seen), "validation": history,
              "train_seconds": time.perf_counter() - train_start}
   if history:
-    best = max(history, key=lambda h: h["accuracy"])
+    best = max(reversed(history), key=lambda h: h["accuracy"])  # ties: the latest, as best/
     summary["best"] = {"step": best["step"], "val_accuracy": best["accuracy"],
                        "val_ci95": best["ci95"]}
   return summary

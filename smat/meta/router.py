@@ -26,6 +26,7 @@ NUM_HEADS = 4
 MLP_RATIO = 2
 LAYER_NORM_EPS = 1e-5
 SPECTRAL_LAYERS = ("qkv", "proj", "fc1", "fc2")
+INIT_POWER_ITERATIONS = 15
 
 
 def _linear(key, fan_in: int, fan_out: int, bias: bool = True) -> dict:
@@ -58,6 +59,8 @@ def init(key: jax.Array, dim: int, num_experts: int) -> tuple[dict, dict]:
     fan_in, fan_out = params[name]["kernel"].shape
     ku, kv = jax.random.split(jax.random.fold_in(ks[6], i))
     state[name] = {"u": unit(ku, fan_out), "v": unit(kv, fan_in)}
+  for _ in range(INIT_POWER_ITERATIONS):  # σ estimates are usable before the first update
+    state = power_iteration(params, state)
   return params, state
 
 

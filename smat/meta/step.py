@@ -84,6 +84,7 @@ def _task_keys(key: jax.Array, count: int) -> jax.Array:
 
 def _loss(params, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
   """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics)."""
+  theta_pre = jax.lax.stop_gradient(theta_pre)  # frozen: exactly zero gradient
   if hp.method == "pmf":
     losses, metrics = jax.vmap(tasks.protonet_loss, (None, None, 0, None))(
         params, theta_pre, episodes, hp)

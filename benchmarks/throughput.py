@@ -1,0 +1,189 @@
+"""Meta-training throughput: tasks/s, FLOPs per task and achieved FLOP/s of one method's step,
+against a plain backbone forward+backward on the identical images.
+
+  python -m benchmarks.throughput --config configs/smat_glyphs.py --out F.json        # 2 CPU cores
+  python -m benchmarks.throughput --config configs/smat_vits16_md.py --random-backbone \
+      --ways 10 --support 20 --query 100 --config.backbone.dtype=bfloat16 --out F.json   # GPU
+  python -m benchmarks.throughput --config configs/smat_glyphs.py --compile-episodes 200 \
+      --config.data.sampler=md --config.data.max_ways=20 --config.data.max_support=100 --out F.json
+
+Episodes are synthetic (random pixels, balanced labels) with the config's fixed-sampler shape
+unless --ways/--support/--query say otherwise, so no dataset is needed. FLOPs come from XLA's
+cost analysis of the compiled step (blocks unrolled); achieved FLOP/s = FLOPs per step ÷ step
+time. `overhead_ratio` = achieved ÷ plain achieved FLOP/s: how close the method's step runs to
+the backbone's own speed. `--compile-episodes N` also streams N real variable-way episodes
+through the step and reports how many times it compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smat import config as config_lib
+from smat import metatrain
+from smat.data import loader
+from smat.data.episodes import Episode
+from smat.meta import step as meta_step
+from smat.meta import tasks
+from smat.models import checkpoint, vit
+
+
+def synthetic_episodes(tasks_: int, ways: int, support: int, query: int, size: int,
+                       seed: int = 0) -> Episode:
+  """A meta-batch of random-pixel episodes with balanced labels (every row valid)."""
+  rng = np.random.default_rng(seed)
+  labels = lambda n: np.tile(np.arange(n) % ways, (tasks_, 1)).astype(np.int32)
+  images = lambda n: rng.integers(0, 256, (tasks_, n, size, size, 3), dtype=np.uint8)
+  return Episode(images(support), labels(support), np.ones((tasks_, support), bool),
+                 images(query), labels(query), np.ones((tasks_, query), bool),
+                 np.ones((tasks_, ways), bool), np.zeros((tasks_,), np.int32))
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def _time(fn, args, repeats: int) -> float:
+  out = fn(*args)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def _plain_loss(params, support, query, config):
+  images = jnp.concatenate([support.reshape(-1, *support.shape[2:]),
+                            query.reshape(-1, *query.shape[2:])])
+  return jnp.mean(jnp.square(tasks.features(params, images, config)))
+
+
+def _peak_memory() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2 ** 30
+
+
+def measure(config, ways: int, support: int, query: int, repeats: int,
+            random_backbone: str | None) -> dict:
+  if random_backbone:
+    vit_config = vit.get_config(random_backbone, dtype=config.backbone.dtype,
+                                remat=config.backbone.remat)
+    theta_pre = vit.init(vit_config, jax.random.key(0))
+  else:
+    theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
+  vit_config = vit_config.replace(unroll_blocks=True)
+  hp = metatrain.hyper(config, vit_config)
+  _, total, warmup = metatrain.schedule_steps(config)
+  optimizer = meta_step.make_optimizer(config.optim, total, warmup)
+  params, router_state = meta_step.init_params(jax.random.key(1), theta_pre, hp,
+                                               config.experts.structured,
+                                               config.experts.freeze_embeddings)
+  state = meta_step.init_state(params, router_state, optimizer)
+  count = config.data.meta_batch_size
+  episodes = jax.device_put(synthetic_episodes(count, ways, support, query,
+                                               config.data.image_size))
+  rng = jax.random.key(2)
+  step = meta_step.jit_step(hp, optimizer)
+  start = time.perf_counter()
+  compiled = step.lower(state, episodes, rng, theta_pre).compile()
+  compile_s = time.perf_counter() - start
+  flops = _flops(compiled)
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = compiled(holder["state"], episodes, rng, theta_pre)
+    return metrics
+
+  seconds = _time(run_step, (), repeats)
+  plain = jax.jit(jax.grad(_plain_loss), static_argnums=3)
+  plain_compiled = plain.lower(theta_pre, episodes.support_images, episodes.query_images,
+                               vit_config).compile()
+  plain_flops = _flops(plain_compiled)
+  plain_seconds = _time(plain_compiled, (theta_pre, episodes.support_images,
+                                         episodes.query_images), repeats)
+  achieved, plain_achieved = flops / seconds, plain_flops / plain_seconds
+  return {
+      "method": hp.method, "arch": random_backbone or config.backbone.path,
+      "dtype": vit_config.dtype, "remat": vit_config.remat, "image_size": config.data.image_size,
+      "tasks_per_step": count, "ways": ways, "support": support, "query": query,
+      "num_experts": hp.num_experts, "step_seconds": seconds, "tasks_per_s": count / seconds,
+      "flops_per_task": flops / count, "achieved_flops_per_s": achieved,
+      "plain_step_seconds": plain_seconds, "plain_flops_per_task": plain_flops / count,
+      "plain_achieved_flops_per_s": plain_achieved, "overhead_ratio": achieved / plain_achieved,
+      "time_ratio": seconds / plain_seconds, "compile_seconds": compile_s,
+      "peak_memory_gib": _peak_memory(),
+  }
+
+
+def compile_count(config, episodes: int) -> dict:
+  """Compiles of the jitted step over `episodes` real episodes of the config's sampler."""
+  theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
+  hp = metatrain.hyper(config, vit_config)
+  _, total, warmup = metatrain.schedule_steps(config)
+  optimizer = meta_step.make_optimizer(config.optim, total, warmup)
+  params, router_state = meta_step.init_params(jax.random.key(1), theta_pre, hp)
+  state = meta_step.init_state(params, router_state, optimizer)
+  source = loader.episode_source(config, "train")
+  batch = config.data.meta_batch_size
+  step = meta_step.jit_step(hp, optimizer)
+  rng, ways, start = jax.random.key(0), [], time.perf_counter()
+  for episodes_ in loader.batch_iterator(source, batch, episodes // batch,
+                                         config.data.loader_threads):
+    ways.extend(episodes_.class_mask.sum(-1).tolist())
+    state, _ = step(state, episodes_, rng, theta_pre)
+  jax.block_until_ready(state)
+  return {"episodes": len(ways), "ways_min": int(min(ways)), "ways_max": int(max(ways)),
+          "distinct_ways": len(set(ways)), "compiles": int(step._cache_size()),
+          "buckets": source.buckets.count, "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  overrides = [a for a in argv if a.startswith("--config.")]
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--ways", type=int)
+  parser.add_argument("--support", type=int, help="support images per task")
+  parser.add_argument("--query", type=int, help="query images per task")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--random-backbone", metavar="ARCH",
+                      help="random weights of this preset instead of config.backbone.path")
+  parser.add_argument("--compile-episodes", type=int, default=0)
+  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  config = config_lib.load(args.config, overrides)
+  d = config.data
+  ways = args.ways or d.ways
+  result = measure(config, ways, args.support or ways * d.shots, args.query or ways * d.queries,
+                   args.repeats, args.random_backbone)
+  result.update(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
+                platform=platform.platform(), config=args.config, overrides=overrides,
+                date=time.strftime("%Y-%m-%d"))
+  if args.compile_episodes:
+    result["compile_count"] = compile_count(config, args.compile_episodes)
+    result["compiles"] = result["compile_count"]["compiles"]
+  else:
+    result["compiles"] = 1
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  keys = ("method", "tasks_per_s", "flops_per_task", "achieved_flops_per_s",
+          "plain_achieved_flops_per_s", "overhead_ratio", "time_ratio", "compiles")
+  print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+  print("| " + " | ".join(fmt(result[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+  main()
