@@ -119,7 +119,7 @@ def dense_teacher(adapted, head, f_q, vjp_q, episode, hp: Hyper) -> jax.Array:
 
 
 def route(router_params, theta_pre, episode, hp: Hyper, temp, key=None):
-  """(expert logits ℓ [M], α [M], θ_pre support prototypes, θ_pre query features)."""
+  """(expert logits ℓ [M], α [M], θ_pre support prototypes [W, D]) of one task."""
   ways = episode.class_mask.shape[-1]
   f_pre_s = sg(features(theta_pre, episode.support_images, hp.vit))
   protos_pre = protonet.prototypes(f_pre_s, episode.support_labels, episode.support_mask, ways)
