@@ -7,6 +7,8 @@
   smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
   smat meta-train --config C --workdir D
                                        meta-train SMAT / SoftMerge / PMF (config.method)
+  smat evaluate --workdir D --domains SPEC --out F.json
+                                       zero-shot few-shot accuracy of a run (or --method pre)
   smat import-backbone --format timm|hf --weights F.safetensors --arch vit_s16|vit_b16 --out D
                                        DINO weights → a backbone directory
   smat embed --backbone B --images DIR --out F.npz
@@ -154,6 +156,58 @@ def _cmd_meta_train(args) -> None:
           f"{best['val_ci95']:.2f}% at step {best['step']} ({args.workdir}/best)")
 
 
+def _cmd_evaluate(args) -> None:
+  import os
+
+  from smat import evaluate, metatrain
+  from smat import config as config_lib
+  from smat.data.spec import load_domains
+
+  if args.method == "pre":
+    if not args.backbone:
+      raise SmatError("--method pre evaluates a frozen backbone: give --backbone DIR (or a "
+                  ".safetensors file with --format and --arch)")
+    from smat.models import checkpoint
+
+    model = checkpoint.load(args.backbone, args.format, args.arch)
+    run_config, method, image_size = None, "pre", args.image_size or model[1].image_size
+  else:
+    if not args.workdir:
+      raise SmatError("give --workdir of a `smat meta-train` run, or --method pre --backbone B")
+    model = metatrain.load_run(args.workdir)
+    run_config = config_lib.from_json(os.path.join(args.workdir, "config.json"))
+    method = model.hp.method
+    image_size = args.image_size or run_config.data.image_size
+  specs = [s.strip() for s in args.domains.split(",") if s.strip()]
+  if args.id_domains is not None:
+    id_specs = [s for s in args.id_domains.split(",") if s]
+  else:
+    trained = run_config.data.train.split(",") if run_config else []
+    id_specs = [s for s in specs if s in trained]
+  groups = {spec: load_domains(spec, args.data_dir, seed=args.seed) for spec in specs}
+  sampler = _sampler_from_args(args)
+  results = evaluate.evaluate_domains(model, groups, sampler, image_size, args.episodes,
+                                      args.seed)
+  ood_specs = [s for s in specs if s not in id_specs]
+  table = evaluate.results_table(results, id_specs, method)
+  out = {"method": method, "adapt": args.adapt, "workdir": args.workdir,
+         "backbone": args.backbone, "sampler": args.sampler,
+         "ways": args.ways, "shots": args.shots, "queries": args.queries,
+         "episodes": args.episodes, "seed": args.seed, "image_size": image_size,
+         "domains": results, "id_domains": id_specs, "ood_domains": ood_specs,
+         "averages": evaluate.summarize(results, id_specs, ood_specs),
+         "config": run_config.to_dict() if run_config else None,
+         "software": evaluate.software_versions(), "table": table}
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=1)
+  print(table)
+  averages = out["averages"]
+  print(f"ID average: {averages['id'] if averages['id'] is None else round(averages['id'], 2)}"
+        f", OOD average: "
+        f"{averages['ood'] if averages['ood'] is None else round(averages['ood'], 2)}"
+        f"  ({args.out})")
+
+
 def _cmd_import_backbone(args) -> None:
   from smat.models import checkpoint
 
@@ -271,6 +325,39 @@ def build_parser() -> argparse.ArgumentParser:
   meta.add_argument("--workdir", required=True, help="checkpoints and logs go here")
   _distributed_arg(meta)
   meta.set_defaults(run=_cmd_meta_train)
+
+  ev = commands.add_parser(
+      "evaluate", help="few-shot accuracy of a meta-trained run (or θ_pre) on test classes",
+      description="Zero-shot ProtoNet evaluation (deterministic gates, router α, merged θ) of "
+                  "the best checkpoint of a `smat meta-train` workdir, or of a frozen backbone "
+                  "with --method pre --backbone B. Every method sees the same episodes for a "
+                  "given seed. Writes JSON (per domain: accuracy %, 95% CI, episodes, "
+                  "ways/shots; ID and OOD averages; method, config, seed, software versions) "
+                  "and prints a markdown table.")
+  ev.add_argument("--workdir", help="a `smat meta-train` workdir (its best/ checkpoint)")
+  ev.add_argument("--method", choices=["run", "pre"], default="run",
+                  help="run (default): the workdir's method; pre: a frozen backbone")
+  ev.add_argument("--backbone", help="with --method pre: backbone dir or .safetensors")
+  _backbone_args(ev, required=False)
+  ev.add_argument("--domains", required=True, metavar="SPEC[,SPEC...]",
+                  help="evaluated on their test classes")
+  ev.add_argument("--id-domains", default=None, metavar="SPEC[,SPEC...]",
+                  help="which of them count as in-distribution (default: those the run "
+                       "meta-trained on)")
+  ev.add_argument("--adapt", choices=["zero-shot"], default="zero-shot",
+                  help="adaptation on the support before predicting (zero-shot: none)")
+  ev.add_argument("--episodes", type=int, default=600)
+  ev.add_argument("--sampler", default="fixed", choices=["fixed", "md"],
+                  help="fixed N-way K-shot (default) or Meta-Dataset variable-way variable-shot")
+  ev.add_argument("--ways", type=int, default=5)
+  ev.add_argument("--shots", type=int, default=1)
+  ev.add_argument("--queries", type=int, default=15)
+  ev.add_argument("--seed", type=int, default=0)
+  ev.add_argument("--image-size", type=int, default=None,
+                  help="default: the run's data.image_size (or the backbone's)")
+  ev.add_argument("--out", required=True, help="results JSON")
+  _data_dir_arg(ev)
+  ev.set_defaults(run=_cmd_evaluate)
 
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")
   _backbone_args(imp, required=True)

@@ -67,3 +67,61 @@ def comparison_table(reports: dict[str, dict], id_domains, ood_domains) -> str:
       lines.append(f"| **{split.upper()} average** | {k} | "
                    + " | ".join(f"{avg[m][split][k]:.2f}" for m in methods) + " |")
   return "\n".join(lines)
+
+
+def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
+                     episodes: int = 600, seed: int = 0, batch_size: int = 8,
+                     progress: bool = True) -> dict:
+  """{domain: {accuracy, ci95, episodes, episodes_per_s, ways/shots summary}} for one sampler.
+
+  Same seed → same episodes for every model. `model` is a `metatrain.Run` or (θ, ViTConfig).
+  """
+  results = {}
+  for name, group in groups.items():
+    source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed)
+    label = f"{name}" if progress else None
+    if isinstance(model, metatrain.Run) and model.hp.method != "pmf":
+      size = max(b for b in range(1, batch_size + 1) if episodes % b == 0)
+      result = metatrain.evaluate(model, loader.batch_iterator(source, size, episodes // size),
+                                  progress=label)
+    else:
+      params, config = ((model.dense_params(), model.hp.vit)
+                        if isinstance(model, metatrain.Run) else model)
+      result = (fewshot.cached_zero_shot(params, config, source, episodes)
+                if fewshot.worth_caching(source, episodes)
+                else fewshot.zero_shot(params, config, source, episodes, progress=label))
+    summary = loader.describe_plans(source, episodes)
+    results[name] = {**result, **{k: v for k, v in summary.items() if k != "episodes"}}
+  return results
+
+
+def software_versions() -> dict:
+  import importlib.metadata as metadata
+  import platform
+
+  names = ("smat", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+  versions = {"python": platform.python_version()}
+  for name in names:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def summarize(results: dict, id_domains, ood_domains) -> dict:
+  """ID and OOD averages (mean accuracy over the domains of each kind present)."""
+  pick = lambda names: [results[n]["accuracy"] for n in names if n in results]
+  return {kind: (float(np.mean(values)) if values else None)
+          for kind, values in (("id", pick(id_domains)), ("ood", pick(ood_domains)))}
+
+
+def results_table(results: dict, id_domains, method: str) -> str:
+  """Markdown: one row per domain (accuracy ± CI, episodes, mean ways/shots)."""
+  lines = [f"| domain | {method} | episodes | ways (mean) | shots (mean) |",
+           "|---|---|---|---|---|"]
+  for name, r in results.items():
+    tag = "ID" if name in id_domains else "OOD"
+    lines.append(f"| {name} ({tag}) | {r['accuracy']:.2f} ± {r['ci95']:.2f} | {r['episodes']} | "
+                 f"{r['ways_mean']:.1f} | {r['shots_mean']:.1f} |")
+  return "\n".join(lines)

@@ -175,8 +175,11 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   from tqdm.auto import tqdm
 
   os.makedirs(workdir, exist_ok=True)
+  saved = config.copy_and_resolve_references()
+  if saved.backbone.path and os.path.exists(saved.backbone.path):  # usable from any directory
+    saved.backbone.path = os.path.abspath(saved.backbone.path)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+    f.write(saved.to_json_best_effort(indent=1))
   theta_pre, hp, optimizer, state = _setup(config)
   per_epoch, total, _ = schedule_steps(config)
   mesh = training.data_mesh()

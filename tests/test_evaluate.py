@@ -1,0 +1,65 @@
+"""`smat evaluate`: JSON schema, the same episodes as the library evaluator, ID/OOD averages."""
+
+import json
+
+import jax
+import pytest
+
+from smat import cli, fewshot
+from smat.data import loader
+from smat.data.samplers import FixedSampler
+from smat.data.spec import load_domains
+from smat.models import checkpoint, vit
+
+CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+  path = tmp_path_factory.mktemp("backbone") / "tiny"
+  checkpoint.save(str(path), vit.init(CFG, jax.random.key(0)), CFG)
+  return str(path)
+
+
+def _evaluate(data_dir, backbone, out, *extra):
+  return cli.main(["evaluate", "--method", "pre", "--backbone", backbone,
+                   "--domains", "glyphs:id,glyphs:ood", "--id-domains", "glyphs:id",
+                   "--ways", "3", "--shots", "1", "--queries", "1", "--episodes", "6",
+                   "--seed", "3", "--data-dir", str(data_dir), "--out", str(out), *extra])
+
+
+def test_evaluate_pre_writes_the_schema_and_matches_the_library(glyphs_data_dir, backbone,
+                                                                 tmp_path, capsys):
+  data_dir, _, _ = glyphs_data_dir
+  assert _evaluate(data_dir, backbone, tmp_path / "r.json") == 0
+  result = json.loads((tmp_path / "r.json").read_text())
+  assert {"method", "adapt", "episodes", "seed", "domains", "averages", "id_domains",
+          "ood_domains", "software", "table"} <= set(result)
+  assert result["method"] == "pre" and result["adapt"] == "zero-shot"
+  assert result["id_domains"] == ["glyphs:id"] and result["ood_domains"] == ["glyphs:ood"]
+  assert "jax" in result["software"]
+  for spec in ("glyphs:id", "glyphs:ood"):
+    row = result["domains"][spec]
+    assert row["episodes"] == 6 and row["ways_mean"] == 3 and row["shots_mean"] == 1
+    params, config = checkpoint.load(backbone)
+    source = loader.EpisodeSource(tuple(load_domains(spec, str(data_dir))), "test",
+                                  FixedSampler(3, 1, 1), 16, seed=3)
+    expected = fewshot.zero_shot(params, config, source, 6)
+    assert row["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert row["ci95"] == pytest.approx(expected["ci95"], abs=1e-9)
+  assert result["averages"]["id"] == result["domains"]["glyphs:id"]["accuracy"]
+  assert result["averages"]["ood"] == result["domains"]["glyphs:ood"]["accuracy"]
+  assert "| glyphs:ood (OOD) |" in capsys.readouterr().out
+  # Another seed draws other episodes.
+  assert _evaluate(data_dir, backbone, tmp_path / "s.json", "--seed", "4") == 0
+  other = json.loads((tmp_path / "s.json").read_text())
+  assert other["seed"] == 4
+
+
+def test_evaluate_needs_a_backbone_or_a_run(tmp_path, capsys):
+  code = cli.main(["evaluate", "--method", "pre", "--domains", "glyphs:id",
+                   "--out", str(tmp_path / "r.json")])
+  assert code == 2 and "--backbone" in capsys.readouterr().err
+  code = cli.main(["evaluate", "--workdir", str(tmp_path), "--domains", "glyphs:id",
+                   "--out", str(tmp_path / "r.json")])
+  assert code == 2 and "config.json" in capsys.readouterr().err
