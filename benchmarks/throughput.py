@@ -80,17 +80,11 @@ def measure(config, ways: int, support: int, query: int, repeats: int,
   if random_backbone:
     vit_config = vit.get_config(random_backbone, dtype=config.backbone.dtype,
                                 remat=config.backbone.remat)
-    theta_pre = vit.init(vit_config, jax.random.key(0))
+    backbone = vit.init(vit_config, jax.random.key(0)), vit_config
   else:
-    theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
-  vit_config = vit_config.replace(unroll_blocks=True)
-  hp = metatrain.hyper(config, vit_config)
-  _, total, warmup = metatrain.schedule_steps(config)
-  optimizer = meta_step.make_optimizer(config.optim, total, warmup)
-  params, router_state = meta_step.init_params(jax.random.key(1), theta_pre, hp,
-                                               config.experts.structured,
-                                               config.experts.freeze_embeddings)
-  state = meta_step.init_state(params, router_state, optimizer)
+    backbone = checkpoint.load_from_config(config.backbone)
+  theta_pre, vit_config = backbone[0], backbone[1].replace(unroll_blocks=True)  # counted FLOPs
+  theta_pre, hp, optimizer, state = metatrain.setup(config, (theta_pre, vit_config))
   count = config.data.meta_batch_size
   episodes = jax.device_put(synthetic_episodes(count, ways, support, query,
                                                config.data.image_size))
@@ -129,12 +123,7 @@ def measure(config, ways: int, support: int, query: int, repeats: int,
 
 def compile_count(config, episodes: int) -> dict:
   """Compiles of the jitted step over `episodes` real episodes of the config's sampler."""
-  theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
-  hp = metatrain.hyper(config, vit_config)
-  _, total, warmup = metatrain.schedule_steps(config)
-  optimizer = meta_step.make_optimizer(config.optim, total, warmup)
-  params, router_state = meta_step.init_params(jax.random.key(1), theta_pre, hp)
-  state = meta_step.init_state(params, router_state, optimizer)
+  theta_pre, hp, optimizer, state = metatrain.setup(config)
   source = loader.episode_source(config, "train")
   batch = config.data.meta_batch_size
   step = meta_step.jit_step(hp, optimizer)

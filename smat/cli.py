@@ -93,6 +93,15 @@ def _cmd_describe(args) -> None:
       print(f"  {key}: {value}")
 
 
+def _sampler_args(parser: argparse.ArgumentParser, queries: int) -> None:
+  parser.add_argument("--sampler", default="fixed", choices=["fixed", "md"],
+                      help="fixed N-way K-shot (default) or Meta-Dataset variable-way "
+                           "variable-shot")
+  parser.add_argument("--ways", type=int, default=5)
+  parser.add_argument("--shots", type=int, default=1)
+  parser.add_argument("--queries", type=int, default=queries)
+
+
 def _sampler_from_args(args):
   from smat.data.samplers import FixedSampler, MetaDatasetSampler
 
@@ -288,11 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
   show.add_argument("--seed", type=int, default=0)
   show.add_argument("--index", type=int, default=0, help="episode index in the stream")
   show.add_argument("--split", default="test", choices=["train", "val", "test"])
-  show.add_argument("--sampler", default="fixed", choices=["fixed", "md"],
-                    help="fixed N-way K-shot (default) or Meta-Dataset variable-way variable-shot")
-  show.add_argument("--ways", type=int, default=5)
-  show.add_argument("--shots", type=int, default=1)
-  show.add_argument("--queries", type=int, default=5)
+  _sampler_args(show, queries=5)
   show.add_argument("--image-size", type=int, default=64)
   show.add_argument("--skip-corrupt", action="store_true")
   _data_dir_arg(show)
@@ -347,11 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--adapt", choices=["zero-shot"], default="zero-shot",
                   help="adaptation on the support before predicting (zero-shot: none)")
   ev.add_argument("--episodes", type=int, default=600)
-  ev.add_argument("--sampler", default="fixed", choices=["fixed", "md"],
-                  help="fixed N-way K-shot (default) or Meta-Dataset variable-way variable-shot")
-  ev.add_argument("--ways", type=int, default=5)
-  ev.add_argument("--shots", type=int, default=1)
-  ev.add_argument("--queries", type=int, default=15)
+  _sampler_args(ev, queries=15)
   ev.add_argument("--seed", type=int, default=0)
   ev.add_argument("--image-size", type=int, default=None,
                   help="default: the run's data.image_size (or the backbone's)")

@@ -15,6 +15,22 @@ from smat.data import loader
 from smat.data.samplers import FixedSampler
 
 
+def _per_task(model) -> bool:
+  """Whether `model` builds θ_task per episode (expert methods) rather than one backbone."""
+  return isinstance(model, metatrain.Run) and model.hp.method != "pmf"
+
+
+def _backbone(model):
+  """(θ, ViTConfig) of a one-backbone model: Pre given as such, or PMF's θ_pre + δ."""
+  return (model.dense_params(), model.hp.vit) if isinstance(model, metatrain.Run) else model
+
+
+def _per_task_accuracy(run, source, episodes: int, batch_size: int, progress: str | None):
+  size = max(b for b in range(1, batch_size + 1) if episodes % b == 0)
+  return metatrain.evaluate(run, loader.batch_iterator(source, size, episodes // size),
+                            progress=progress)
+
+
 def zero_shot_report(model, groups: dict[str, list], image_size: int, shots=(1, 5),
                      ways: int = 5, queries: int = 15, episodes: int = 600, seed: int = 0,
                      batch_size: int = 8, progress: bool = True) -> dict:
@@ -22,10 +38,8 @@ def zero_shot_report(model, groups: dict[str, list], image_size: int, shots=(1, 
 
   `model` is a `metatrain.Run`, or (θ, ViTConfig) for a frozen backbone.
   """
-  if not isinstance(model, metatrain.Run) or model.hp.method == "pmf":
-    params, config = ((model.dense_params(), model.hp.vit) if isinstance(model, metatrain.Run)
-                      else model)
-    return fewshot.protonet_report(params, config, groups, image_size, shots, ways, queries,
+  if not _per_task(model):
+    return fewshot.protonet_report(*_backbone(model), groups, image_size, shots, ways, queries,
                                    episodes, seed, progress)
   report = {}
   for name, group in groups.items():
@@ -33,10 +47,9 @@ def zero_shot_report(model, groups: dict[str, list], image_size: int, shots=(1, 
     for k in shots:
       source = loader.EpisodeSource(tuple(group), "test", FixedSampler(ways, k, queries),
                                     image_size, seed=seed)
-      size = max(b for b in range(1, batch_size + 1) if episodes % b == 0)
-      batches = loader.batch_iterator(source, size, episodes // size)
-      report[name][f"{ways}w{k}s"] = metatrain.evaluate(
-          model, batches, progress=f"{model.hp.method} {name} {ways}w{k}s" if progress else None)
+      label = f"{model.hp.method} {name} {ways}w{k}s" if progress else None
+      report[name][f"{ways}w{k}s"] = _per_task_accuracy(model, source, episodes, batch_size,
+                                                        label)
   return report
 
 
@@ -79,14 +92,11 @@ def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
   results = {}
   for name, group in groups.items():
     source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed)
-    label = f"{name}" if progress else None
-    if isinstance(model, metatrain.Run) and model.hp.method != "pmf":
-      size = max(b for b in range(1, batch_size + 1) if episodes % b == 0)
-      result = metatrain.evaluate(model, loader.batch_iterator(source, size, episodes // size),
-                                  progress=label)
+    label = name if progress else None
+    if _per_task(model):
+      result = _per_task_accuracy(model, source, episodes, batch_size, label)
     else:
-      params, config = ((model.dense_params(), model.hp.vit)
-                        if isinstance(model, metatrain.Run) else model)
+      params, config = _backbone(model)
       result = (fewshot.cached_zero_shot(params, config, source, episodes)
                 if fewshot.worth_caching(source, episodes)
                 else fewshot.zero_shot(params, config, source, episodes, progress=label))

@@ -31,6 +31,14 @@ def mean_ci(values) -> tuple[float, float]:
   return float(values.mean()), float(1.96 * values.std() / np.sqrt(len(values)))
 
 
+def accuracy_summary(accuracies, seconds: float) -> dict:
+  """{accuracy %, 95% CI, episodes, episodes/s} of per-episode accuracies in [0, 1]."""
+  accuracies = np.concatenate([np.ravel(a) for a in accuracies]) * 100
+  mean, ci = mean_ci(accuracies)
+  return {"accuracy": mean, "ci95": ci, "episodes": int(accuracies.size),
+          "episodes_per_s": accuracies.size / seconds}
+
+
 def episode_accuracy(support_features, support_labels, support_mask, query_features,
                      query_labels, query_mask, class_mask) -> jax.Array:
   """Query accuracy of one episode under the cosine ProtoNet head."""
@@ -70,11 +78,7 @@ def zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource, episo
   for batch in tqdm(batches, total=episodes // batch_size, desc=progress, leave=False,
                     disable=progress is None, unit="batch"):
     accuracies.append(np.asarray(batch_accuracy(params, batch, config)))
-  seconds = time.perf_counter() - start
-  accuracies = np.concatenate(accuracies) * 100
-  mean, ci = mean_ci(accuracies)
-  return {"accuracy": mean, "ci95": ci, "episodes": int(episodes),
-          "episodes_per_s": episodes / seconds}
+  return accuracy_summary(accuracies, time.perf_counter() - start)
 
 
 def embed_split(params, config: vit.ViTConfig, domain, split: str, image_size: int,
@@ -130,11 +134,7 @@ def cached_zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource
       stacked = [np.stack([rows[i][k] for i in members]) for k in range(7)]
       batch_acc[members] = np.asarray(_batch_episode_accuracy(*stacked))
     accuracies.append(batch_acc)
-  seconds = time.perf_counter() - start
-  accuracies = np.concatenate(accuracies) * 100
-  mean, ci = mean_ci(accuracies)
-  return {"accuracy": mean, "ci95": ci, "episodes": int(episodes),
-          "episodes_per_s": episodes / seconds}
+  return accuracy_summary(accuracies, time.perf_counter() - start)
 
 
 def worth_caching(source: loader.EpisodeSource, episodes: int) -> bool:

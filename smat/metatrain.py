@@ -25,7 +25,7 @@ from smat.data import loader
 from smat.errors import SmatError
 from smat.meta import step as meta_step
 from smat.meta import tasks
-from smat.models import checkpoint
+from smat.models import checkpoint, vit
 
 EXPERT_METHODS = ("smat", "softmerge")
 
@@ -88,10 +88,7 @@ def evaluate(run: Run, batches, progress: str | None = None) -> dict:
     accuracies.append(acc)
     if alpha is not None:
       alphas.append(alpha)
-  accuracies = np.concatenate(accuracies) * 100
-  mean, ci = fewshot.mean_ci(accuracies)
-  result = {"accuracy": mean, "ci95": ci, "episodes": int(accuracies.size),
-            "episodes_per_s": accuracies.size / (time.perf_counter() - start)}
+  result = fewshot.accuracy_summary(accuracies, time.perf_counter() - start)
   if alphas:
     result["alpha_mean"] = np.concatenate(alphas).mean(0).tolist()
   return result
@@ -121,10 +118,13 @@ def restore(manager, state: meta_step.MetaState, rng, step: int | None = None):
   return meta_step.MetaState(**fields), rng, restored["data"]
 
 
-def _setup(config):
+def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None):
   """θ_pre, Hyper, optimiser and the initial state of a config (images of another size than
-  the backbone's run with resampled position embeddings)."""
-  theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
+  the backbone's run with resampled position embeddings).
+
+  `backbone` = (θ_pre, ViTConfig) replaces the one `config.backbone` names.
+  """
+  theta_pre, vit_config = backbone or checkpoint.load_from_config(config.backbone)
   hp = hyper(config, vit_config)
   _, total, warmup = schedule_steps(config)
   optimizer = meta_step.make_optimizer(config.optim, total, warmup)
@@ -142,7 +142,7 @@ def load_run(workdir: str, which: str = "best") -> Run:
   if not os.path.isfile(path):
     raise SmatError(f"{workdir}: no config.json; is it a `smat meta-train` workdir?")
   config = config_lib.from_json(path)
-  theta_pre, hp, optimizer, state = _setup(config)
+  theta_pre, hp, optimizer, state = setup(config)
   manager = training.checkpoint_manager(os.path.join(workdir, which), 1)
   if manager.latest_step() is None:
     raise SmatError(f"{workdir}/{which}: no checkpoint yet; train with `smat meta-train`")
@@ -180,8 +180,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
     saved.backbone.path = os.path.abspath(saved.backbone.path)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(saved.to_json_best_effort(indent=1))
-  theta_pre, hp, optimizer, state = _setup(config)
-  per_epoch, total, _ = schedule_steps(config)
+  theta_pre, hp, optimizer, state = setup(config)
+  per_epoch, total, warmup = schedule_steps(config)
+  delta_lr = meta_step.delta_schedule(config.optim, total, warmup)
   mesh = training.data_mesh()
   batch_size = config.data.meta_batch_size
   training.check_divisible(batch_size, "data.meta_batch_size", mesh)
@@ -218,8 +219,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
         _check_finite(state, manager, workdir)
         now = time.perf_counter()
         scalars["tasks_per_s"] = (done - last_step) * batch_size / max(now - last_time, 1e-9)
-        scalars["delta_lr"] = float(meta_step.delta_schedule(
-            config.optim, total, schedule_steps(config)[2])(done))
+        scalars["delta_lr"] = float(delta_lr(done))
         last_time, last_step = now, done
         log.write(done, scalars)
         bar.set_postfix(_postfix(scalars))

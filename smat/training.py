@@ -54,10 +54,6 @@ def to_host(metrics: dict) -> dict:
   return out
 
 
-def all_finite(metrics: dict) -> bool:
-  return all(np.all(np.isfinite(v)) for v in metrics.values())
-
-
 def checkpoint_manager(directory: str, keep: int, best_metric: str | None = None):
   """Orbax manager in `directory`; with `best_metric` it keeps only the `keep` best steps."""
   import orbax.checkpoint as ocp

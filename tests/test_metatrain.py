@@ -164,7 +164,7 @@ def _steps(directory) -> list[int]:
 
 def _saved(config, workdir, step=None, which="checkpoints") -> Saved:
   """Everything a checkpoint holds: the full MetaState, the RNG and the stream position."""
-  template = metatrain._setup(config)[3]
+  template = metatrain.setup(config)[3]
   manager = training.checkpoint_manager(str(workdir / which), config.train.keep_checkpoints)
   try:
     state, rng, data = metatrain.restore(manager, template, jax.random.key(0), step)
@@ -361,7 +361,7 @@ def test_compiles_once_per_bucket_not_per_episode(shared, base):
       *base, "--config.data.sampler=md", "--config.data.max_ways=12",
       "--config.data.max_support=40", "--config.data.max_query_per_class=3",
       "--config.data.meta_batch_size=2"])
-  theta_pre, hp, optimizer, state = metatrain._setup(config)
+  theta_pre, hp, optimizer, state = metatrain.setup(config)
   source = loader.episode_source(config, "train")
   assert source.buckets.count == 4  # support (32, 40) × query (32, 36)
   plans = [source.plan(i)[1] for i in range(60)]
@@ -378,7 +378,7 @@ def test_compiles_once_per_bucket_not_per_episode(shared, base):
 
   # SMAT's state (gates, λ, router state, optimiser) comes back with the shapes, dtypes and weak
   # types it went in with, so feeding it back never retraces (checked by tracing only).
-  theta_pre, hp, optimizer, state = metatrain._setup(shared.config)
+  theta_pre, hp, optimizer, state = metatrain.setup(shared.config)
   batch = next(iter(loader.batch_iterator(loader.episode_source(shared.config, "train"), TASKS,
                                           1, num_threads=1)))
   avals = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type),

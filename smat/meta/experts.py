@@ -113,22 +113,23 @@ def total_size(params) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 
+def _per_expert_mean(tree, params, per_gate) -> jax.Array:
+  """[M]: Σ over gated leaves of coverage × Σ per_gate(gate), over all backbone elements."""
+  total = jnp.zeros(jax.tree.leaves(tree)[0].shape[:1])
+  for g, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+    if has_gates(g):
+      total = total + _coverage(g, p) * per_gate(g).reshape(g.shape[0], -1).sum(-1)
+  return total / total_size(params)
+
+
 def expected_l0(gate_logits, params) -> jax.Array:
   """[M]: expected fraction of non-zero gates of each expert over all backbone elements."""
-  total = jnp.zeros(jax.tree.leaves(gate_logits)[0].shape[:1])
-  for g, p in zip(jax.tree.leaves(gate_logits), jax.tree.leaves(params)):
-    if has_gates(g):
-      total = total + _coverage(g, p) * hc.prob_nonzero(g).reshape(g.shape[0], -1).sum(-1)
-  return total / total_size(params)
+  return _per_expert_mean(gate_logits, params, hc.prob_nonzero)
 
 
 def sparsity(masks, params) -> jax.Array:
   """[M]: fraction of each expert's backbone elements whose gate is exactly 0."""
-  nonzero = jnp.zeros(jax.tree.leaves(masks)[0].shape[:1])
-  for z, p in zip(jax.tree.leaves(masks), jax.tree.leaves(params)):
-    if has_gates(z):
-      nonzero = nonzero + _coverage(z, p) * (z != 0).reshape(z.shape[0], -1).sum(-1)
-  return 1.0 - nonzero / total_size(params)
+  return 1.0 - _per_expert_mean(masks, params, lambda z: z != 0)
 
 
 def merged_density(merged, params) -> jax.Array:
