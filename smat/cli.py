@@ -7,8 +7,10 @@
   smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
   smat meta-train --config C --workdir D
                                        meta-train SMAT / SoftMerge / PMF (config.method)
-  smat evaluate --workdir D --domains SPEC --out F.json
-                                       zero-shot few-shot accuracy of a run (or --method pre)
+  smat evaluate --workdir D --domains SPEC --out F.json [--adapt zero-shot|full|lora|sparse]
+                                       few-shot accuracy of a run (or --method pre), zero-shot
+                                       or fine-tuned on each support
+  smat plot --workdir D --out DIR      mask density per block/type/expert, expert choice map
   smat import-backbone --format timm|hf --weights F.safetensors --arch vit_s16|vit_b16 --out D
                                        DINO weights → a backbone directory
   smat embed --backbone B --images DIR --out F.npz
@@ -165,7 +167,41 @@ def _cmd_meta_train(args) -> None:
           f"{best['val_ci95']:.2f}% at step {best['step']} ({args.workdir}/best)")
 
 
+def _finetune_from_args(args):
+  from smat import finetune
+
+  lrs = finetune.LEARNING_RATES
+  if args.lrs:
+    try:
+      lrs = tuple(float(x) for x in args.lrs.split(","))
+    except ValueError:
+      raise SmatError(f"--lrs {args.lrs!r}: give comma-separated numbers, e.g. 0,1e-4,1e-3")
+  if args.finetune_steps < 0 or args.lr_search_episodes < 1:
+    raise SmatError("--finetune-steps must be ≥ 0 and --lr-search-episodes ≥ 1")
+  return finetune.FinetuneConfig(steps=args.finetune_steps, lrs=lrs,
+                                 search_episodes=args.lr_search_episodes)
+
+
+def _cmd_plot(args) -> None:
+  import os
+
+  from smat import config as config_lib
+  from smat import metatrain, plots
+  from smat.data.spec import load_domains
+
+  run = metatrain.load_run(args.workdir)
+  if run.hp.method == "pmf":
+    raise SmatError(f"{args.workdir} is a PMF run: it has no experts or router to plot")
+  config = config_lib.from_json(os.path.join(args.workdir, "config.json"))
+  domains = load_domains(args.domains or config.data.train, args.data_dir, seed=args.seed)
+  written = plots.write_run_figures(run, args.out, {d.name: [d] for d in domains},
+                                    _sampler_from_args(args), config.data.image_size,
+                                    args.episodes, args.seed)
+  print(f"wrote {', '.join(written)} to {args.out}")
+
+
 def _cmd_evaluate(args) -> None:
+  import dataclasses
   import os
 
   from smat import evaluate, metatrain
@@ -195,11 +231,14 @@ def _cmd_evaluate(args) -> None:
     id_specs = [s for s in specs if s in trained]
   groups = {spec: load_domains(spec, args.data_dir, seed=args.seed) for spec in specs}
   sampler = _sampler_from_args(args)
+  ft = _finetune_from_args(args)
   results = evaluate.evaluate_domains(model, groups, sampler, image_size, args.episodes,
-                                      args.seed)
+                                      args.seed, args.adapt, ft, args.lr, args.batch_size)
   ood_specs = [s for s in specs if s not in id_specs]
   table = evaluate.results_table(results, id_specs, method)
-  out = {"method": method, "adapt": args.adapt, "workdir": args.workdir,
+  out = {"method": method, "adapt": args.adapt,
+         "finetune": None if args.adapt == "zero-shot" else dataclasses.asdict(ft),
+         "reserved_episodes": ft.search_episodes, "workdir": args.workdir,
          "backbone": args.backbone, "sampler": args.sampler,
          "ways": args.ways, "shots": args.shots, "queries": args.queries,
          "episodes": args.episodes, "seed": args.seed, "image_size": image_size,
@@ -333,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   ev = commands.add_parser(
       "evaluate", help="few-shot accuracy of a meta-trained run (or θ_pre) on test classes",
-      description="Zero-shot ProtoNet evaluation (deterministic gates, router α, merged θ) of "
-                  "the best checkpoint of a `smat meta-train` workdir, or of a frozen backbone "
-                  "with --method pre --backbone B. Every method sees the same episodes for a "
-                  "given seed. Writes JSON (per domain: accuracy %, 95% CI, episodes, "
+      description="Few-shot evaluation of the best checkpoint of a `smat meta-train` workdir "
+                  "(deterministic gates, router α, merged θ_task), or of a frozen backbone with "
+                  "--method pre --backbone B: ProtoNet on θ_task as it is (zero-shot) or after "
+                  "50 fine-tuning steps on the augmented support (--adapt full|lora|sparse, lr "
+                  "searched per domain on the first 5 episodes, which are not reported). Every "
+                  "method and mode sees the same episodes for a given seed. Writes JSON (per domain: accuracy %, 95% CI, episodes, "
                   "ways/shots; ID and OOD averages; method, config, seed, software versions) "
                   "and prints a markdown table.")
   ev.add_argument("--workdir", help="a `smat meta-train` workdir (its best/ checkpoint)")
@@ -349,9 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--id-domains", default=None, metavar="SPEC[,SPEC...]",
                   help="which of them count as in-distribution (default: those the run "
                        "meta-trained on)")
-  ev.add_argument("--adapt", choices=["zero-shot"], default="zero-shot",
-                  help="adaptation on the support before predicting (zero-shot: none)")
-  ev.add_argument("--episodes", type=int, default=600)
+  ev.add_argument("--adapt", choices=["zero-shot", "full", "lora", "sparse"],
+                  default="zero-shot",
+                  help="adaptation on the support before predicting: none (zero-shot), full "
+                       "fine-tuning (AdamW, wd 0.01), LoRA (rank 8, α 32, dropout 0.1, query/"
+                       "value, lr ×10) or sparse (only the entries of SMAT's merged mask)")
+  ev.add_argument("--episodes", type=int, default=600,
+                  help="reported episodes per domain, after the --lr-search-episodes reserved "
+                       "ones (reserved in every mode, so all modes see the same episodes)")
+  ev.add_argument("--finetune-steps", type=int, default=50)
+  ev.add_argument("--lr", type=float, default=None,
+                  help="fine-tuning lr (default: searched per domain over --lrs)")
+  ev.add_argument("--lrs", default=None, metavar="LR,LR,...",
+                  help="lr grid of the search (default 0,1e-6,1e-5,1e-4,1e-3,1e-2,0.1)")
+  ev.add_argument("--lr-search-episodes", type=int, default=5,
+                  help="the first episodes of each domain, which pick the lr and are not "
+                       "reported")
+  ev.add_argument("--batch-size", type=int, default=None,
+                  help="episodes per jitted call (default 8 zero-shot, 1 fine-tuned)")
   _sampler_args(ev, queries=15)
   ev.add_argument("--seed", type=int, default=0)
   ev.add_argument("--image-size", type=int, default=None,
@@ -359,6 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--out", required=True, help="results JSON")
   _data_dir_arg(ev)
   ev.set_defaults(run=_cmd_evaluate)
+
+  plot = commands.add_parser(
+      "plot", help="figures of a SMAT run: mask density per block/type/expert, expert choice",
+      description="Writes mask_density.png (fraction of non-zero deterministic gates per block "
+                  "and parameter type, for each expert), mask_density_expected.png (the same "
+                  "for training samples: P(z ≠ 0)), mask_density.json, and expert_choice.png/.json (the "
+                  "router's mean α per evaluation domain, one row per domain of the SPECs).")
+  plot.add_argument("--workdir", required=True, help="a SMAT or SoftMerge meta-train workdir")
+  plot.add_argument("--out", required=True, help="directory for the figures")
+  plot.add_argument("--domains", default=None, metavar="SPEC[,SPEC...]",
+                    help="domains of the expert-choice map (default: the run's data.train)")
+  plot.add_argument("--episodes", type=int, default=100, help="test episodes per domain")
+  _sampler_args(plot, queries=15)
+  plot.add_argument("--seed", type=int, default=0)
+  _data_dir_arg(plot)
+  plot.set_defaults(run=_cmd_plot)
 
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")
   _backbone_args(imp, required=True)

@@ -1,4 +1,4 @@
-"""Zero-shot few-shot comparison of methods on identical episodes (Pre, PMF, SoftMerge, SMAT).
+"""Few-shot evaluation of methods on identical episodes (Pre, PMF, SoftMerge, SMAT).
 
 Every method sees the same episodes: a domain's episodes are a pure function of (seed, split,
 domain, index). Methods with one backbone for all tasks (Pre = θ_pre, PMF = θ_pre + δ) go
@@ -8,9 +8,11 @@ build θ_task per episode (deterministic gates, α = normalised sigmoid(ℓ / T)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from smat import fewshot, metatrain
+from smat import fewshot, finetune, metatrain
 from smat.data import loader
 from smat.data.samplers import FixedSampler
 
@@ -83,24 +85,32 @@ def comparison_table(reports: dict[str, dict], id_domains, ood_domains) -> str:
 
 
 def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
-                     episodes: int = 600, seed: int = 0, batch_size: int = 8,
+                     episodes: int = 600, seed: int = 0, adapt: str = "zero-shot",
+                     ft: finetune.FinetuneConfig = finetune.FinetuneConfig(),
+                     lr: float | None = None, batch_size: int | None = None,
                      progress: bool = True) -> dict:
-  """{domain: {accuracy, ci95, episodes, episodes_per_s, ways/shots summary}} for one sampler.
+  """{domain: {accuracy, ci95, episodes, episodes_per_s, ways/shots summary[, lr, lr_search]}}.
 
-  Same seed → same episodes for every model. `model` is a `metatrain.Run` or (θ, ViTConfig).
+  Same seed → same episodes for every model and every `adapt` mode: the first
+  `ft.search_episodes` episodes of each domain are reserved for the fine-tuning lr search and
+  never reported, whatever the mode. `model` is a `metatrain.Run` or (θ, ViTConfig).
   """
   results = {}
   for name, group in groups.items():
     source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed)
+    reported = dataclasses.replace(source, first=ft.search_episodes)
     label = name if progress else None
-    if _per_task(model):
-      result = _per_task_accuracy(model, source, episodes, batch_size, label)
+    if adapt != "zero-shot":
+      result = finetune.evaluate_source(model, finetune.ADAPTERS[adapt], source, episodes, seed,
+                                        ft, lr, batch_size or 1, label)
+    elif _per_task(model):
+      result = _per_task_accuracy(model, reported, episodes, batch_size or 8, label)
     else:
       params, config = _backbone(model)
-      result = (fewshot.cached_zero_shot(params, config, source, episodes)
-                if fewshot.worth_caching(source, episodes)
-                else fewshot.zero_shot(params, config, source, episodes, progress=label))
-    summary = loader.describe_plans(source, episodes)
+      result = (fewshot.cached_zero_shot(params, config, reported, episodes)
+                if fewshot.worth_caching(reported, episodes)
+                else fewshot.zero_shot(params, config, reported, episodes, progress=label))
+    summary = loader.describe_plans(reported, episodes)
     results[name] = {**result, **{k: v for k, v in summary.items() if k != "episodes"}}
   return results
 
@@ -127,11 +137,13 @@ def summarize(results: dict, id_domains, ood_domains) -> dict:
 
 
 def results_table(results: dict, id_domains, method: str) -> str:
-  """Markdown: one row per domain (accuracy ± CI, episodes, mean ways/shots)."""
-  lines = [f"| domain | {method} | episodes | ways (mean) | shots (mean) |",
-           "|---|---|---|---|---|"]
+  """Markdown: one row per domain (accuracy ± CI, episodes, mean ways/shots[, chosen lr])."""
+  tuned = any("lr" in r for r in results.values())
+  lines = [f"| domain | {method} | episodes | ways (mean) | shots (mean) |"
+           + (" lr |" if tuned else ""), "|---|---|---|---|---|" + ("---|" if tuned else "")]
   for name, r in results.items():
     tag = "ID" if name in id_domains else "OOD"
     lines.append(f"| {name} ({tag}) | {r['accuracy']:.2f} ± {r['ci95']:.2f} | {r['episodes']} | "
-                 f"{r['ways_mean']:.1f} | {r['shots_mean']:.1f} |")
+                 f"{r['ways_mean']:.1f} | {r['shots_mean']:.1f} |"
+                 + (f" {r['lr']:g} |" if tuned else ""))
   return "\n".join(lines)

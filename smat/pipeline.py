@@ -3,7 +3,8 @@
 Stages: build the glyphs benchmark → describe every evaluation domain → draw example episodes
 → measure the episode loader → pre-train the small backbone θ_pre → meta-train PMF and SMAT on
 top of it → zero-shot comparison of Pre, PMF and SMAT on identical episodes, in distribution
-(glyphs:id test classes) and out of distribution (held-out scripts, Fashion-MNIST).
+(glyphs:id test classes) and out of distribution (held-out scripts, Fashion-MNIST) → figures of
+the SMAT run (`figures/`: mask density per block and parameter type, expert choice per domain).
 Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`, `smat/`);
 `results.json` / `results.md` hold the comparison and `summary.json` every figure.
 Re-running resumes: finished stages are cached, training resumes from its checkpoints.
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 from smat import config as config_lib
-from smat import evaluate, metatrain, pretrain
+from smat import evaluate, metatrain, plots, pretrain
 from smat.data import loader
+from smat.data.samplers import FixedSampler
 from smat.data.show import episode_grid
 from smat.data.sources import glyphs
 from smat.data.spec import default_data_dir, load_domain
@@ -39,11 +41,11 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
 
-  print(f"[1/6] offline benchmark in {data_dir}")
+  print(f"[1/7] offline benchmark in {data_dir}")
   build_dir = glyphs.build(data_dir)
   summary = {"data_dir": data_dir, "glyphs_build": str(build_dir), "domains": {}}
 
-  print("[2/6] domains")
+  print("[2/7] domains")
   domains = {spec: load_domain(spec, data_dir) for spec in EVAL_SPECS}
   for spec, domain in domains.items():
     described = domain.describe()
@@ -58,7 +60,7 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
     picture = out / f"episode_{spec.replace(':', '_')}.png"
     episode_grid(source.episode(0)).save(picture)
 
-  print("[3/6] episode loader (meta-training stream, glyphs:id train classes)")
+  print("[3/7] episode loader (meta-training stream, glyphs:id train classes)")
   train = loader.episode_source(config, "train", domains=[domains["glyphs:id"]])
   summary["episode_stats"] = loader.describe_plans(train, 200)
   summary["loader"] = loader.throughput(train, config.data.meta_batch_size, num_batches=25,
@@ -68,7 +70,7 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
         f"{summary['loader']['episodes_per_s']:.1f} episodes/s with "
         f"{config.data.loader_threads} threads")
 
-  print("[4/6] pre-training the backbone θ_pre (resumes from its checkpoints)")
+  print("[4/7] pre-training the backbone θ_pre (resumes from its checkpoints)")
   pretrain_config = config_lib.load(pretrain_config_path, [
       f"data_dir={data_dir}", f"eval.domains={','.join(EVAL_SPECS)}"])
   start = time.perf_counter()
@@ -78,7 +80,7 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
   print(result["table"])
   backbone = out / "pretrain" / "backbone"
 
-  print("[5/6] meta-training PMF and SMAT on θ_pre (resumes from their checkpoints)")
+  print("[5/7] meta-training PMF and SMAT on θ_pre (resumes from their checkpoints)")
   runs, summary["meta_train"] = {}, {}
   for method, path in META_CONFIGS.items():
     meta_config = config_lib.load(f"{path}:{meta_variant}" if meta_variant else path, [
@@ -88,7 +90,7 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
     summary["meta_train"][method] = {**trained, "seconds": time.perf_counter() - start}
     runs[method] = metatrain.load_run(str(out / method))
 
-  print(f"[6/6] zero-shot comparison on identical episodes ({comparison_episodes} per cell)")
+  print(f"[6/7] zero-shot comparison on identical episodes ({comparison_episodes} per cell)")
   groups = {spec: [domains[spec]] for spec in EVAL_SPECS}
   models = {"Pre": (runs["pmf"].theta_pre, runs["pmf"].hp.vit), "PMF": runs["pmf"],
             "SMAT": runs["smat"]}
@@ -109,7 +111,14 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
   (out / "results.md").write_text(table + "\n")
   summary["results"] = str(out / "results.json")
   print(table)
+
+  print("[7/7] figures of the SMAT run: mask density per block/type/expert, expert choice")
+  figures = plots.write_run_figures(runs["smat"], str(out / "figures"), groups,
+                                    FixedSampler(5, 5, 15), config.data.image_size,
+                                    episodes=50, seed=config.seed)
+  summary["figures"] = [str(out / "figures" / name) for name in figures]
   (out / "summary.json").write_text(json.dumps(summary, indent=1))
   print(f"wrote {out / 'results.json'}, {out / 'summary.json'}, example episodes "
-        f"{out}/episode_*.png; runs: {out}/pretrain, {out}/pmf, {out}/smat")
+        f"{out}/episode_*.png, figures {out}/figures; runs: {out}/pretrain, {out}/pmf, "
+        f"{out}/smat")
   return summary

@@ -36,14 +36,16 @@ def test_evaluate_pre_writes_the_schema_and_matches_the_library(glyphs_data_dir,
   assert {"method", "adapt", "episodes", "seed", "domains", "averages", "id_domains",
           "ood_domains", "software", "table"} <= set(result)
   assert result["method"] == "pre" and result["adapt"] == "zero-shot"
+  assert result["reserved_episodes"] == 5 and result["finetune"] is None
   assert result["id_domains"] == ["glyphs:id"] and result["ood_domains"] == ["glyphs:ood"]
   assert "jax" in result["software"]
   for spec in ("glyphs:id", "glyphs:ood"):
     row = result["domains"][spec]
     assert row["episodes"] == 6 and row["ways_mean"] == 3 and row["shots_mean"] == 1
     params, config = checkpoint.load(backbone)
+    # The first 5 episodes are reserved for the fine-tuning lr search, in every mode.
     source = loader.EpisodeSource(tuple(load_domains(spec, str(data_dir))), "test",
-                                  FixedSampler(3, 1, 1), 16, seed=3)
+                                  FixedSampler(3, 1, 1), 16, seed=3, first=5)
     expected = fewshot.zero_shot(params, config, source, 6)
     assert row["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
     assert row["ci95"] == pytest.approx(expected["ci95"], abs=1e-9)

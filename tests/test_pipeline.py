@@ -45,3 +45,11 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
   pre_id = results["methods"]["Pre"]["glyphs:id"]["5w5s"]["accuracy"]
   assert results["averages"]["Pre"]["id"]["5w5s"] == pre_id
   assert "| **OOD average** | 5w1s |" in results["table"]
+  figures = tmp_path / "run" / "figures"
+  assert {"mask_density.png", "mask_density_expected.png", "expert_choice.png"} <= {
+      p.name for p in figures.glob("*.png")}
+  choice = json.loads((figures / "expert_choice.json").read_text())
+  assert set(choice) == {"glyphs:id", "glyphs:ood", "fashion_mnist"}
+  assert all(len(alpha) == 2 and abs(sum(alpha) - 1) < 1e-5 for alpha in choice.values())
+  density = json.loads((figures / "mask_density.json").read_text())["mask_density"]
+  assert all(0 <= d <= 1 for d in density["by_block"])

@@ -80,3 +80,43 @@ def augment(key: jax.Array, images: jax.Array, config: AugmentConfig = AugmentCo
   keys = jax.random.split(key, flat.shape[0])
   out = jax.vmap(augment_image, in_axes=(0, 0, None))(keys, flat, config)
   return out.reshape(images.shape)
+
+
+def _brightness_saturation_contrast(key: jax.Array, image: jax.Array) -> jax.Array:
+  """DiffAugment colour on one normalised image: +U(−½, ½), saturation ×U(0, 2), contrast
+  ×U(½, 1½) about the channel and the image mean."""
+  u = jax.random.uniform(key, (3,))
+  image = image + (u[0] - 0.5)
+  channel_mean = image.mean(-1, keepdims=True)
+  image = (image - channel_mean) * (2.0 * u[1]) + channel_mean
+  mean = image.mean()
+  return (image - mean) * (u[2] + 0.5) + mean
+
+
+def _translate(key: jax.Array, image: jax.Array, ratio: float) -> jax.Array:
+  """Integer shift by up to round(ratio · size) pixels per axis, zero-filled."""
+  size_h, size_w = image.shape[:2]
+  reach_h, reach_w = int(size_h * ratio + 0.5), int(size_w * ratio + 0.5)
+  k_h, k_w = jax.random.split(key)
+  dy = jax.random.randint(k_h, (), -reach_h, reach_h + 1)
+  dx = jax.random.randint(k_w, (), -reach_w, reach_w + 1)
+  padded = jnp.pad(image, ((reach_h, reach_h), (reach_w, reach_w), (0, 0)))
+  return jax.lax.dynamic_slice(padded, (reach_h + dy, reach_w + dx, 0), image.shape)
+
+
+def support_augment(key: jax.Array, images: jax.Array, prob: float = 0.9,
+                    translation: float = 0.125) -> jax.Array:
+  """Fine-tuning augmentation of a normalised support batch [N, H, W, 3] (DiffAugment
+  'color,translation' as P>M>F and SMAT use it at meta-test).
+
+  With probability `prob` (one draw for the batch): flip the whole batch horizontally with
+  probability ½, then per image colour (brightness, saturation, contrast) and a translation of
+  up to `translation` × size with zero (= mean colour) fill; otherwise the batch is unchanged.
+  """
+  k_apply, k_flip, k_color, k_shift = jax.random.split(key, 4)
+  # Image i's keys depend on i only, so padding the batch leaves the real images' draws as they are.
+  per_image = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(images.shape[0]))
+  flipped = jnp.where(jax.random.bernoulli(k_flip), images[:, :, ::-1], images)
+  colored = jax.vmap(_brightness_saturation_contrast)(per_image(k_color), flipped)
+  shifted = jax.vmap(_translate, (0, 0, None))(per_image(k_shift), colored, translation)
+  return jnp.where(jax.random.bernoulli(k_apply, prob), shifted, images)

@@ -32,7 +32,11 @@ def source_code(domain: Domain) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeSource:
-  """Random access to the episodes of one or more domains' `split`."""
+  """Random access to the episodes of one or more domains' `split`.
+
+  Episode `i` is the stream's episode `first + i`: an evaluation that reserves the first few
+  episodes (e.g. for a learning-rate search) reports `dataclasses.replace(source, first=k)`.
+  """
 
   domains: tuple[Domain, ...]
   split: str
@@ -40,6 +44,7 @@ class EpisodeSource:
   image_size: int
   seed: int = 0
   buckets: ep.Buckets | None = None
+  first: int = 0
 
   def __post_init__(self):
     if self.split not in _SPLIT_CODE:
@@ -56,7 +61,7 @@ class EpisodeSource:
 
   def plan(self, index: int):
     """(domain position, EpisodePlan) of episode `index`, without reading any image."""
-    split = _SPLIT_CODE[self.split]
+    split, index = _SPLIT_CODE[self.split], self.first + index
     position = int(_rng(self.seed, split, index).integers(len(self.domains)))
     domain = self.domains[position]
     rng = _rng(self.seed, split, source_code(domain), index)

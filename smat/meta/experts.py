@@ -99,6 +99,13 @@ def interpolate(theta_pre, delta, merged):
   return jax.tree.map(lambda p, d, m: p + m * d if has_gates(m) else p, theta_pre, delta, merged)
 
 
+def selected(merged, params):
+  """Boolean tree shaped like `params`: the entries a task's merged mask m leaves non-zero
+  (what sparse fine-tuning may update; leaves without gates select nothing)."""
+  return jax.tree.map(lambda m, p: jnp.broadcast_to(m != 0, p.shape) if has_gates(m)
+                      else jnp.zeros(p.shape, bool), merged, params)
+
+
 def soft_merge(theta_pre, deltas, alpha: jax.Array):
   """SoftMerge: θ = θ_pre + Σ_k α_k δ_k with δ_k [M, *P] per leaf."""
   return jax.tree.map(lambda p, d: p + jnp.tensordot(alpha, d, axes=1), theta_pre, deltas)

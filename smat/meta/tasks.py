@@ -183,10 +183,23 @@ def protonet_loss(trainable, theta_pre, episode, hp: Hyper):
 
 def zero_shot_params(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
   """θ_task for evaluation: deterministic gates, α = normalised sigmoid(ℓ / T)."""
+  theta, alpha, _ = zero_shot_task(trainable, theta_pre, router_params, episode, hp, temp)
+  return theta, alpha
+
+
+def zero_shot_task(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
+  """(θ_task, α or None, merged mask m or None) of one task at meta-test.
+
+  m is SMAT's Σ_k α_k z_k with deterministic gates (None for PMF and SoftMerge, which have no
+  gates); sparse fine-tuning updates where it is non-zero.
+  """
   if hp.method == "pmf":
-    return jax.tree.map(jnp.add, theta_pre, trainable["delta"]), None
+    return jax.tree.map(jnp.add, theta_pre, trainable["delta"]), None, None
   _, alpha, _ = route(router_params, theta_pre, episode, hp, temp)
-  return task_params(trainable, theta_pre, alpha, hp)[0], alpha
+  if hp.method == "softmerge":
+    return experts.soft_merge(theta_pre, trainable["delta"], alpha), alpha, None
+  merged = experts.merge(alpha, experts.eval_masks(trainable["gates"]))
+  return experts.interpolate(theta_pre, trainable["delta"], merged), alpha, merged
 
 
 def zero_shot_accuracy(trainable, theta_pre, router_params, episode, hp: Hyper, temp):

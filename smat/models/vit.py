@@ -191,7 +191,8 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, c.width)).astype(dtype), x], axis=1)
     x = x + resample_pos_embed(pos, grid_h, grid_w).astype(dtype)
     block = nn.remat(Block) if c.remat else Block
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    blocks = nn.scan(block, variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True},
                      length=c.depth, unroll=c.depth if c.unroll_blocks else 1)
     x, _ = blocks(c, name="blocks")(x, None)
     x = _norm(c, "norm")(x)
@@ -209,9 +210,13 @@ def param_shapes(config: ViTConfig) -> dict:
   return jax.eval_shape(lambda: init(config, jax.random.key(0)))
 
 
-def forward(params: dict, images: jax.Array, config: ViTConfig) -> jax.Array:
-  """Pure forward pass: normalised images [B, H, W, 3] → CLS features [B, width]."""
-  return VisionTransformer(config).apply({"params": params}, images)
+def forward(params: dict, images: jax.Array, config: ViTConfig, rngs=None) -> jax.Array:
+  """Pure forward pass: normalised images [B, H, W, 3] → CLS features [B, width].
+
+  `rngs` (e.g. {"dropout": key}) reach every block, split per block, for method interceptors
+  such as LoRA's dropout (`smat.finetune`); the backbone itself draws no randomness.
+  """
+  return VisionTransformer(config).apply({"params": params}, images, rngs=rngs)
 
 
 def preprocess(images: jax.Array, config: ViTConfig) -> jax.Array:

@@ -1,0 +1,135 @@
+"""Sparsity sweep: meta-train SMAT for each (τ, M), evaluate zero-shot ID and OOD, plot the
+trade-off (the paper's ID-vs-OOD figure).
+
+  python -m benchmarks.sweep --config configs/smat_glyphs.py --taus 0,0.5,0.8,0.9,0.95,0.99 \
+      --experts 4,8,16 --workdir runs/sweep --out benchmarks/results/sweep_glyphs
+
+Each point is `smat meta-train` with experts.target_sparsity = τ and experts.num_experts = M
+(every other field from the config), then `evaluate_domains` zero-shot on the ID and OOD specs
+on the same episodes for every point. Finished runs and points are reused, so an interrupted
+sweep resumes. Writes OUT.json, OUT.md (command, machine, date, wall time in the header) and
+OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from smat import config as config_lib
+from smat import evaluate, metatrain, plots
+from smat.data import spec as spec_lib
+from smat.data.samplers import FixedSampler
+
+
+def point_dir(workdir: str, tau: float, experts: int) -> str:
+  return os.path.join(workdir, f"tau{tau:g}_m{experts}")
+
+
+def train_point(config_path: str, overrides: list[str], workdir: str, tau: float,
+                experts: int) -> dict:
+  """Meta-train one (τ, M) run to completion (resuming if started); its summary."""
+  config = config_lib.load(config_path, overrides + [
+      f"--config.experts.target_sparsity={tau}", f"--config.experts.num_experts={experts}"])
+  return metatrain.train_and_evaluate(config, workdir)
+
+
+def measured_sparsity(workdir: str) -> float | None:
+  """Mean expert sparsity of the run's last logged step (sampled training gates)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  last = None
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      last = row.get("mean_expert_sparsity", last)
+  return last
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/smat_glyphs.py")
+  parser.add_argument("--taus", default="0,0.5,0.8,0.9,0.95,0.99")
+  parser.add_argument("--experts", default="4,8,16")
+  parser.add_argument("--points", default=None, metavar="TAU:M,...",
+                      help="an explicit list of points instead of the --taus × --experts grid")
+  parser.add_argument("--id", default="glyphs:id", metavar="SPEC,...")
+  parser.add_argument("--ood", default="glyphs:ood,fashion_mnist", metavar="SPEC,...")
+  parser.add_argument("--episodes", type=int, default=600)
+  parser.add_argument("--ways", type=int, default=5)
+  parser.add_argument("--shots", type=int, default=5)
+  parser.add_argument("--queries", type=int, default=15)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workdir", default="runs/sweep")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every run")
+  args, extra = parser.parse_known_args(argv)
+  overrides = args.overrides + extra
+
+  start = time.time()
+  if args.points:
+    grid = [(float(t), int(m)) for t, m in (p.split(":") for p in args.points.split(","))]
+  else:
+    grid = [(float(t), int(m)) for m in args.experts.split(",") for t in args.taus.split(",")]
+  id_specs, ood_specs = args.id.split(","), args.ood.split(",")
+  groups = {s: spec_lib.load_domains(s, seed=args.seed) for s in id_specs + ood_specs}
+  sampler = FixedSampler(args.ways, args.shots, args.queries)
+  path = args.out + ".json"
+  saved = json.load(open(path)) if os.path.exists(path) else {}
+  points, elapsed = saved.get("points", []), saved.get("seconds", 0.0)
+  done = {(p["tau"], p["experts"]) for p in points}
+
+  for tau, experts in grid:
+    if (tau, experts) in done:
+      continue
+    workdir = point_dir(args.workdir, tau, experts)
+    t0 = time.time()
+    summary = train_point(args.config, overrides, workdir, tau, experts)
+    train_s = time.time() - t0
+    run = metatrain.load_run(workdir)
+    results = evaluate.evaluate_domains(run, groups, sampler,
+                                        config_lib.from_json(os.path.join(
+                                            workdir, "config.json")).data.image_size,
+                                        args.episodes, args.seed)
+    mean = lambda specs, key: float(np.mean([results[s][key] for s in specs]))
+    points.append({"tau": tau, "experts": experts, "workdir": workdir,
+                   "id": mean(id_specs, "accuracy"), "id_ci": mean(id_specs, "ci95"),
+                   "ood": mean(ood_specs, "accuracy"), "ood_ci": mean(ood_specs, "ci95"),
+                   "domains": results, "measured_sparsity": measured_sparsity(workdir),
+                   "best_val": (summary.get("best") or {}).get("val_accuracy"),
+                   "train_seconds": train_s})
+    print(f"τ={tau:g} M={experts}: ID {points[-1]['id']:.2f}  OOD {points[-1]['ood']:.2f}",
+          flush=True)
+    _write(args, argv, points, elapsed + time.time() - start)
+  _write(args, argv, points, elapsed + time.time() - start)
+  return 0
+
+
+def _write(args, argv, points: list, seconds: float) -> None:
+  with open(args.out + ".json", "w") as f:
+    json.dump({"args": vars(args), "points": points, "seconds": seconds,
+               "software": evaluate.software_versions()}, f, indent=1)
+  lines = [f"<!-- python -m benchmarks.sweep {' '.join(argv or sys.argv[1:])}",
+           f"machine: {platform.node()} ({os.cpu_count()} CPUs), date: "
+           f"{time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min; zero-shot "
+           f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per domain -->", "",
+           "| τ | M | measured sparsity | ID avg | OOD avg | best val |",
+           "|---|---|---|---|---|---|"]
+  for p in sorted(points, key=lambda p: (p["experts"], p["tau"])):
+    sparsity = p["measured_sparsity"]
+    lines.append(f"| {p['tau']:g} | {p['experts']} | "
+                 f"{'—' if sparsity is None else f'{sparsity:.3f}'} | "
+                 f"{p['id']:.2f} ± {p['id_ci']:.2f} | {p['ood']:.2f} ± {p['ood_ci']:.2f} | "
+                 f"{p['best_val'] if p['best_val'] is None else round(p['best_val'], 2)} |")
+  with open(args.out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plots.plot_tradeoff(points, args.out + ".png")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,158 @@
+"""The offline-benchmark table in the paper's layout: rows = domains, columns = Pre, PMF,
+SoftMerge and SMAT, each zero-shot and +full and +LoRA fine-tuned, with ID/OOD averages.
+
+  python -m benchmarks.tables --backbone runs/pretrain/backbone --runs pmf=runs/bench/pmf,\
+softmerge=runs/bench/softmerge,smat=runs/bench/smat --out benchmarks/results/table_glyphs
+
+Rows default to the glyphs ID scripts (their test classes) one by one, the held-out scripts one
+by one and Fashion-MNIST; `--rows pooled` uses glyphs:id, glyphs:ood and fashion_mnist instead.
+Every cell is `smat.evaluate.evaluate_domains` on the same episodes (same seed; the first
+`--lr-search-episodes` of each domain pick the fine-tuning lr and are never reported). Cells are
+saved to OUT.json as they finish, so an interrupted run resumes where it stopped; OUT.md holds
+the table with the command, machine, date and wall time in its header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from smat import evaluate, finetune, metatrain
+from smat.data import spec as spec_lib
+from smat.data.samplers import FixedSampler
+from smat.data.sources import glyphs
+from smat.models import checkpoint
+
+METHODS = ("pre", "pmf", "softmerge", "smat")
+MODES = ("zero-shot", "full", "lora")  # "sparse" (SMAT only) may be added with --modes
+LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
+
+
+def row_specs(rows: str, data_dir: str | None) -> tuple[list[str], list[str]]:
+  """(ID specs, OOD specs) of the table's rows."""
+  if rows == "pooled":
+    return ["glyphs:id"], ["glyphs:ood", "fashion_mnist"]
+  meta = json.loads((glyphs.find_build(data_dir or spec_lib.default_data_dir())
+                     / "metadata.json").read_text())
+  name = lambda script: "glyphs:" + script.lower().replace(" ", "_")
+  return ([name(s) for s in meta["id_scripts"]],
+          [name(s) for s in meta["ood_scripts"]] + ["fashion_mnist"])
+
+
+def cell_name(method: str, mode: str) -> str:
+  return LABELS[method] + ("" if mode == "zero-shot" else f" +{mode}")
+
+
+def markdown(cells: dict, id_specs, ood_specs, columns) -> str:
+  """Rows = domains then ID/OOD averages (mean accuracy and mean CI); columns = cells."""
+  present = [c for c in columns if c in cells]
+  lines = ["| domain | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+  for spec in id_specs + ood_specs:
+    tag = "ID" if spec in id_specs else "OOD"
+    values = [cells[c].get(spec) for c in present]
+    lines.append(f"| {spec} ({tag}) | " + " | ".join(
+        "—" if v is None else f"{v['accuracy']:.2f} ± {v['ci95']:.2f}" for v in values) + " |")
+  for kind, specs in (("ID", id_specs), ("OOD", ood_specs)):
+    row = []
+    for c in present:
+      done = [cells[c][s] for s in specs if s in cells[c]]
+      row.append("—" if len(done) < len(specs) else
+                 f"**{np.mean([d['accuracy'] for d in done]):.2f}** ± "
+                 f"{np.mean([d['ci95'] for d in done]):.2f}")
+    lines.append(f"| **{kind} average** | " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--backbone", required=True, help="θ_pre (the Pre columns)")
+  parser.add_argument("--runs", required=True, metavar="METHOD=WORKDIR,...",
+                      help="meta-train workdirs of pmf, softmerge and smat")
+  parser.add_argument("--rows", choices=["scripts", "pooled"], default="scripts")
+  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--episodes", type=int, default=600, help="zero-shot episodes per cell")
+  parser.add_argument("--finetune-episodes", type=int, default=600,
+                      help="fine-tuned episodes per cell")
+  parser.add_argument("--ways", type=int, default=5)
+  parser.add_argument("--shots", type=int, default=5)
+  parser.add_argument("--queries", type=int, default=15)
+  parser.add_argument("--finetune-steps", type=int, default=50)
+  parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in finetune.LEARNING_RATES))
+  parser.add_argument("--lr-search-episodes", type=int, default=5)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
+  args = parser.parse_args(argv)
+
+  start = time.time()
+  runs = dict(item.split("=", 1) for item in args.runs.split(","))
+  modes = args.modes.split(",")
+  id_specs, ood_specs = row_specs(args.rows, args.data_dir)
+  ft = finetune.FinetuneConfig(steps=args.finetune_steps,
+                               lrs=tuple(float(x) for x in args.lrs.split(",")),
+                               search_episodes=args.lr_search_episodes)
+  sampler = FixedSampler(args.ways, args.shots, args.queries)
+  groups = {s: spec_lib.load_domains(s, args.data_dir, seed=args.seed)
+            for s in id_specs + ood_specs}
+  path = args.out + ".json"
+  saved = json.load(open(path)) if os.path.exists(path) else {}
+  cells, elapsed = saved.get("cells", {}), saved.get("seconds", 0.0)
+  columns = [cell_name(m, mode) for m in METHODS for mode in modes
+             if mode != "sparse" or m == "smat"]
+
+  def write():
+    header = (f"<!-- python -m benchmarks.tables {' '.join(argv or sys.argv[1:])}\n"
+              f"machine: {platform.node()} ({platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs), date: {time.strftime('%Y-%m-%d')}, wall time "
+              f"{(elapsed + time.time() - start) / 60:.1f} min (all sessions)\n"
+              f"{args.ways}-way {args.shots}-shot {args.queries}-query; zero-shot "
+              f"{args.episodes} and fine-tuned {args.finetune_episodes} episodes per cell; "
+              f"{ft.steps} steps, lr grid {list(ft.lrs)} searched per domain on the first "
+              f"{ft.search_episodes} episodes (not reported); seed {args.seed} -->\n")
+    with open(path, "w") as f:
+      json.dump({"args": vars(args), "finetune": ft.__dict__, "id": id_specs, "ood": ood_specs,
+                 "cells": cells, "seconds": elapsed + time.time() - start,
+                 "software": evaluate.software_versions()}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+      f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n")
+
+  models = {"pre": (checkpoint.load(args.backbone), None)}
+  for method in METHODS[1:]:
+    if method in runs:
+      models[method] = (metatrain.load_run(runs[method]), runs[method])
+  for mode in modes:
+    for method, (model, workdir) in models.items():
+      if mode == "sparse" and method != "smat":
+        continue  # only SMAT has a merged mask to restrict the update to
+      name = cell_name(method, mode)
+      cells.setdefault(name, {})
+      size = model[1].image_size if workdir is None else run_image_size(workdir)
+      episodes = args.episodes if mode == "zero-shot" else args.finetune_episodes
+      for spec, group in groups.items():
+        if spec in cells[name]:
+          continue
+        result = evaluate.evaluate_domains(model, {spec: group}, sampler, size, episodes,
+                                           args.seed, mode, ft, progress=True)
+        cells[name][spec] = result[spec]
+        print(f"{name:>18} {spec:<22} {result[spec]['accuracy']:6.2f} ± "
+              f"{result[spec]['ci95']:.2f}", flush=True)
+        write()
+  write()
+  print(markdown(cells, id_specs, ood_specs, columns))
+  return 0
+
+
+def run_image_size(workdir: str) -> int:
+  from smat import config as config_lib
+
+  return config_lib.from_json(os.path.join(workdir, "config.json")).data.image_size
+
+
+if __name__ == "__main__":
+  sys.exit(main())
