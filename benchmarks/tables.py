@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from smat import evaluate, finetune, metatrain
+from smat import evaluate, fewshot, finetune, metatrain
 from smat.data import spec as spec_lib
 from smat.data.samplers import FixedSampler
 from smat.data.sources import glyphs
@@ -32,6 +32,7 @@ from smat.models import checkpoint
 METHODS = ("pre", "pmf", "softmerge", "smat")
 MODES = ("zero-shot", "full", "lora")  # "sparse" (SMAT only) may be added with --modes
 LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
+MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " +sparse"}
 
 
 def row_specs(rows: str, data_dir: str | None) -> tuple[list[str], list[str]]:
@@ -46,7 +47,7 @@ def row_specs(rows: str, data_dir: str | None) -> tuple[list[str], list[str]]:
 
 
 def cell_name(method: str, mode: str) -> str:
-  return LABELS[method] + ("" if mode == "zero-shot" else f" +{mode}")
+  return LABELS[method] + MODE_LABELS[mode]
 
 
 def markdown(cells: dict, id_specs, ood_specs, columns) -> str:
@@ -67,6 +68,49 @@ def markdown(cells: dict, id_specs, ood_specs, columns) -> str:
                  f"{np.mean([d['ci95'] for d in done]):.2f}")
     lines.append(f"| **{kind} average** | " + " | ".join(row) + " |")
   return "\n".join(lines)
+
+
+def paired(cells: dict, a: str, b: str, specs) -> dict[str, tuple[float, float]]:
+  """{spec: (mean of a − b, 95% CI)} over the identical episodes both cells ran, for the specs
+  where both kept per-episode accuracies; "average" = the mean difference over those specs (CI
+  of a mean of independent domains)."""
+  out = {}
+  for spec in specs:
+    x, y = cells.get(a, {}).get(spec), cells.get(b, {}).get(spec)
+    if x and y and "per_episode" in x and "per_episode" in y:
+      out[spec] = fewshot.mean_ci(np.subtract(x["per_episode"], y["per_episode"]))
+  if out and len(out) == len(specs):
+    out["average"] = (float(np.mean([d for d, _ in out.values()])),
+                      float(np.sqrt(np.sum([c ** 2 for _, c in out.values()]))) / len(specs))
+  return out
+
+
+def paired_markdown(cells: dict, id_specs, ood_specs, pairs) -> str:
+  """Rows = domains and ID/OOD averages; columns = "A − B" differences with paired 95% CIs."""
+  pairs = [(a, b) for a, b in pairs if a in cells and b in cells]
+  lines = ["| domain | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+           "|---|" + "---|" * len(pairs)]
+  rows = {kind: {(a, b): paired(cells, a, b, specs) for a, b in pairs}
+          for kind, specs in (("ID", id_specs), ("OOD", ood_specs))}
+  fmt = lambda d: "—" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f}"
+  for kind, specs in (("ID", id_specs), ("OOD", ood_specs)):
+    for spec in specs:
+      lines.append(f"| {spec} ({kind}) | "
+                   + " | ".join(fmt(rows[kind][p].get(spec)) for p in pairs) + " |")
+  for kind in ("ID", "OOD"):
+    lines.append(f"| **{kind} average** | "
+                 + " | ".join(fmt(rows[kind][p].get("average")) for p in pairs) + " |")
+  return "\n".join(lines)
+
+
+def comparison_pairs(columns) -> list[tuple[str, str]]:
+  """SMAT against PMF and SoftMerge, in each mode present."""
+  pairs = []
+  for mode in MODE_LABELS.values():
+    for other in ("PMF", "SoftMerge"):
+      if f"SMAT{mode}" in columns and f"{other}{mode}" in columns:
+        pairs.append((f"SMAT{mode}", f"{other}{mode}"))
+  return pairs
 
 
 def main(argv=None) -> int:
@@ -120,7 +164,10 @@ def main(argv=None) -> int:
                  "cells": cells, "seconds": elapsed + time.time() - start,
                  "software": evaluate.software_versions()}, f, indent=1)
     with open(args.out + ".md", "w") as f:
-      f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n")
+      f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n\n"
+              "Paired differences on the identical episodes (mean ± 95% CI of the per-episode "
+              "difference):\n\n"
+              + paired_markdown(cells, id_specs, ood_specs, comparison_pairs(columns)) + "\n")
 
   models = {"pre": (checkpoint.load(args.backbone), None)}
   for method in METHODS[1:]:

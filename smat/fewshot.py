@@ -32,11 +32,13 @@ def mean_ci(values) -> tuple[float, float]:
 
 
 def accuracy_summary(accuracies, seconds: float) -> dict:
-  """{accuracy %, 95% CI, episodes, episodes/s} of per-episode accuracies in [0, 1]."""
+  """{accuracy %, 95% CI, episodes, episodes/s, per-episode accuracies %} of per-episode
+  accuracies in [0, 1] (kept so that methods run on the same episodes compare pairwise)."""
   accuracies = np.concatenate([np.ravel(a) for a in accuracies]) * 100
   mean, ci = mean_ci(accuracies)
   return {"accuracy": mean, "ci95": ci, "episodes": int(accuracies.size),
-          "episodes_per_s": accuracies.size / seconds}
+          "episodes_per_s": accuracies.size / seconds,
+          "per_episode": [round(float(a), 4) for a in accuracies]}
 
 
 def episode_accuracy(support_features, support_labels, support_mask, query_features,

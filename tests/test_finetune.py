@@ -444,6 +444,7 @@ def test_mean_ci_is_196_population_std_over_sqrt_n():
   assert fewshot.mean_ci(values) == pytest.approx(
       (0.5, 1.96 * math.sqrt(0.26 / 3) / math.sqrt(3)), abs=1e-12)
   summary = fewshot.accuracy_summary([np.array([0.0, 1.0]), np.array([1.0, 0.0])], 2.0)
+  assert summary.pop("per_episode") == [0.0, 100.0, 100.0, 0.0]
   assert summary == pytest.approx({"accuracy": 50.0, "ci95": 49.0, "episodes": 4,
                                    "episodes_per_s": 2.0})
 

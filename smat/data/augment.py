@@ -114,7 +114,7 @@ def support_augment(key: jax.Array, images: jax.Array, prob: float = 0.9,
   up to `translation` × size with zero (= mean colour) fill; otherwise the batch is unchanged.
   """
   k_apply, k_flip, k_color, k_shift = jax.random.split(key, 4)
-  # Image i's keys depend on i only, so padding the batch leaves the real images' draws as they are.
+  # Image i's keys depend on i only: padding the batch leaves the real images' draws alone.
   per_image = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(images.shape[0]))
   flipped = jnp.where(jax.random.bernoulli(k_flip), images[:, :, ::-1], images)
   colored = jax.vmap(_brightness_saturation_contrast)(per_image(k_color), flipped)
