@@ -65,3 +65,31 @@ def test_evaluate_needs_a_backbone_or_a_run(tmp_path, capsys):
   code = cli.main(["evaluate", "--workdir", str(tmp_path), "--domains", "glyphs:id",
                    "--out", str(tmp_path / "r.json")])
   assert code == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_an_image_folder_is_evaluated_as_ood_zero_shot_and_fine_tuned(backbone, tmp_path):
+  """`folder:<path>` works like any domain: OOD by default, zero-shot or fine-tuned."""
+  import numpy as np
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for c in range(3):
+    (tmp_path / "shapes" / f"class{c}").mkdir(parents=True)
+    base = rng.integers(0, 256, (3,))
+    for i in range(4):
+      pixels = np.clip(base + rng.integers(-20, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(tmp_path / "shapes" / f"class{c}" / f"{i}.png")
+  spec = f"folder:{tmp_path / 'shapes'}"
+  for adapt in ("zero-shot", "full"):
+    out = tmp_path / f"{adapt}.json"
+    code = cli.main(["evaluate", "--method", "pre", "--backbone", backbone, "--domains", spec,
+                     "--ways", "3", "--shots", "1", "--queries", "2", "--episodes", "2",
+                     "--adapt", adapt, "--finetune-steps", "1", "--lrs", "0,1e-3",
+                     "--lr-search-episodes", "1", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["ood_domains"] == [spec] and result["id_domains"] == []
+    row = result["domains"][spec]
+    assert row["episodes"] == 2 and row["ways_mean"] == 3 and 0 <= row["accuracy"] <= 100
+  # Distinct colours per class: well above the 33% of chance, zero-shot.
+  assert json.loads((tmp_path / "zero-shot.json").read_text())["domains"][spec]["accuracy"] > 50
