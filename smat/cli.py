@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
   reproduce = commands.add_parser(
       "reproduce", help="main job on the offline benchmark: build data, describe it, sample "
                        "episodes, pre-train θ_pre, meta-train PMF and SMAT, and compare Pre, "
-                       "PMF and SMAT zero-shot in and out of distribution")
+                       "PMF and SMAT zero-shot in and out of distribution, draw SMAT's masks and "
+                       "expert choice")
   reproduce.add_argument("--workdir", default="runs/demo", help="outputs (default: runs/demo)")
   reproduce.add_argument("--config", default="configs/glyphs_small.py", help="experiment config")
   _data_dir_arg(reproduce)
