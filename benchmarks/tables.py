@@ -71,14 +71,16 @@ def markdown(cells: dict, id_specs, ood_specs, columns) -> str:
 
 
 def paired(cells: dict, a: str, b: str, specs) -> dict[str, tuple[float, float]]:
-  """{spec: (mean of a − b, 95% CI)} over the identical episodes both cells ran, for the specs
-  where both kept per-episode accuracies; "average" = the mean difference over those specs (CI
-  of a mean of independent domains)."""
+  """{spec: (mean of a − b, 95% CI)} over the identical episodes both cells ran (the common
+  prefix: a zero-shot cell with more episodes is cut to a fine-tuned one's), for the specs where
+  both kept per-episode accuracies; "average" = the mean difference over those specs (CI of a
+  mean of independent domains)."""
   out = {}
   for spec in specs:
     x, y = cells.get(a, {}).get(spec), cells.get(b, {}).get(spec)
     if x and y and "per_episode" in x and "per_episode" in y:
-      out[spec] = fewshot.mean_ci(np.subtract(x["per_episode"], y["per_episode"]))
+      n = min(len(x["per_episode"]), len(y["per_episode"]))  # both start at the same episode
+      out[spec] = fewshot.mean_ci(np.subtract(x["per_episode"][:n], y["per_episode"][:n]))
   if out and len(out) == len(specs):
     out["average"] = (float(np.mean([d for d, _ in out.values()])),
                       float(np.sqrt(np.sum([c ** 2 for _, c in out.values()]))) / len(specs))
@@ -104,13 +106,15 @@ def paired_markdown(cells: dict, id_specs, ood_specs, pairs) -> str:
 
 
 def comparison_pairs(columns) -> list[tuple[str, str]]:
-  """SMAT against PMF and SoftMerge, in each mode present."""
+  """SMAT against PMF and SoftMerge in each mode present, and each fine-tuned SMAT against
+  zero-shot SMAT."""
   pairs = []
   for mode in MODE_LABELS.values():
     for other in ("PMF", "SoftMerge"):
       if f"SMAT{mode}" in columns and f"{other}{mode}" in columns:
         pairs.append((f"SMAT{mode}", f"{other}{mode}"))
-  return pairs
+  return pairs + [(f"SMAT{mode}", "SMAT") for mode in list(MODE_LABELS.values())[1:]
+                  if f"SMAT{mode}" in columns and "SMAT" in columns]
 
 
 def main(argv=None) -> int:

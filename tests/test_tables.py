@@ -41,4 +41,7 @@ def test_paired_differences_use_the_same_episodes():
   text = tables.paired_markdown(cells, ["a"], ["b"], [("SMAT", "PMF")])
   assert "| a (ID) | +20.00 ±" in text and "| **OOD average** | +0.00 ±" in text
   assert tables.comparison_pairs(["SMAT", "PMF", "SMAT +full", "SoftMerge +full"]) == [
-      ("SMAT", "PMF"), ("SMAT +full", "SoftMerge +full")]
+      ("SMAT", "PMF"), ("SMAT +full", "SoftMerge +full"), ("SMAT +full", "SMAT")]
+  # A zero-shot cell with more episodes is compared on the fine-tuned cell's episodes only.
+  cells["SMAT +full"] = {"a": {"per_episode": [90.0, 60.0]}}
+  assert tables.paired(cells, "SMAT +full", "SMAT", ["a"])["a"][0] == 5.0
