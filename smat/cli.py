@@ -378,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "--method pre --backbone B: ProtoNet on θ_task as it is (zero-shot) or after "
                   "50 fine-tuning steps on the augmented support (--adapt full|lora|sparse, lr "
                   "searched per domain on the first 5 episodes, which are not reported). Every "
-                  "method and mode sees the same episodes for a given seed. Writes JSON (per domain: accuracy %, 95% CI, episodes, "
-                  "ways/shots; ID and OOD averages; method, config, seed, software versions) "
-                  "and prints a markdown table.")
+                  "method and mode sees the same episodes for a given seed. Writes JSON (per "
+                  "domain: accuracy %, 95% CI, episodes, ways/shots, per-episode accuracies; ID "
+                  "and OOD averages; method, config, seed, software versions) and prints a "
+                  "markdown table.")
   ev.add_argument("--workdir", help="a `smat meta-train` workdir (its best/ checkpoint)")
   ev.add_argument("--method", choices=["run", "pre"], default="run",
                   help="run (default): the workdir's method; pre: a frozen backbone")
@@ -421,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
       "plot", help="figures of a SMAT run: mask density per block/type/expert, expert choice",
       description="Writes mask_density.png (fraction of non-zero deterministic gates per block "
                   "and parameter type, for each expert), mask_density_expected.png (the same "
-                  "for training samples: P(z ≠ 0)), mask_density.json, and expert_choice.png/.json (the "
-                  "router's mean α per evaluation domain, one row per domain of the SPECs).")
+                  "for training samples: P(z ≠ 0)), mask_density.json, and "
+                  "expert_choice.png/.json (the router's mean α per evaluation domain, one row "
+                  "per domain of the SPECs).")
   plot.add_argument("--workdir", required=True, help="a SMAT or SoftMerge meta-train workdir")
   plot.add_argument("--out", required=True, help="directory for the figures")
   plot.add_argument("--domains", default=None, metavar="SPEC[,SPEC...]",
