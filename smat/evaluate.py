@@ -28,7 +28,7 @@ def _backbone(model):
 
 
 def _per_task_accuracy(run, source, episodes: int, batch_size: int, progress: str | None):
-  size = max(b for b in range(1, batch_size + 1) if episodes % b == 0)
+  size = loader.even_batch_size(episodes, batch_size)
   return metatrain.evaluate(run, loader.batch_iterator(source, size, episodes // size),
                             progress=progress)
 

@@ -65,7 +65,7 @@ def expert_choice(run, groups: dict[str, list], sampler, image_size: int, episod
   out = {}
   for name, group in groups.items():
     source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed)
-    size = max(b for b in range(1, batch_size + 1) if episodes % b == 0)
+    size = loader.even_batch_size(episodes, batch_size)
     alphas = [np.asarray(_alpha(run.params["router"], run.router_state, run.theta_pre, batch,
                                 run.temperature, hp=run.hp))
               for batch in loader.batch_iterator(source, size, episodes // size)]

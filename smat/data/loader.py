@@ -106,6 +106,11 @@ def batch_iterator(source: EpisodeSource, batch_size: int, num_batches: int | No
   return iterator
 
 
+def even_batch_size(episodes: int, batch_size: int) -> int:
+  """The largest batch size ≤ `batch_size` that divides `episodes` (no partial last batch)."""
+  return max(b for b in range(1, batch_size + 1) if episodes % b == 0)
+
+
 def fixed_episodes(source: EpisodeSource, count: int, batch_size: int = 1,
                    num_threads: int = 2) -> list[ep.Episode]:
   """The first `count` episodes of `source` in batches (e.g. validation episodes)."""

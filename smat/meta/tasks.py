@@ -128,12 +128,12 @@ def route(router_params, theta_pre, episode, hp: Hyper, temp, key=None):
   return logits, alpha, protos_pre
 
 
-def task_params(trainable, theta_pre, alpha, hp: Hyper, key=None):
-  """(θ_task, per-expert measured sparsity [M] or None, merged mask density or None)."""
+def task_params(trainable, theta_pre, alpha, hp: Hyper, key):
+  """Training θ_task from sampled gates → (θ_task, per-expert measured sparsity [M] or None,
+  merged mask density or None); meta-test uses `zero_shot_task`."""
   if hp.method == "softmerge":
     return experts.soft_merge(theta_pre, trainable["delta"], alpha), None, None
-  masks = (experts.eval_masks(trainable["gates"]) if key is None
-           else experts.sample_masks(key, trainable["gates"], hp.gate_noise))
+  masks = experts.sample_masks(key, trainable["gates"], hp.gate_noise)
   merged = experts.merge(alpha, masks)
   return (experts.interpolate(theta_pre, trainable["delta"], merged),
           experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre))
