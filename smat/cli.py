@@ -7,9 +7,10 @@
   smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
   smat meta-train --config C --workdir D
                                        meta-train SMAT / SoftMerge / PMF (config.method)
-  smat evaluate --workdir D --domains SPEC --out F.json [--adapt zero-shot|full|lora|sparse]
+  smat evaluate --workdir D --domains SPEC --out F.json [--adapt MODE]
                                        few-shot accuracy of a run (or --method pre), zero-shot
-                                       or fine-tuned on each support
+                                       or fine-tuned on each support: full, lora, sparse (SMAT's
+                                       mask) or a sparsity strategy (random, map, influence)
   smat plot --workdir D --out DIR      mask density per block/type/expert, expert choice map
   smat import-backbone --format timm|hf --weights F.safetensors --arch vit_s16|vit_b16 --out D
                                        DINO weights → a backbone directory
@@ -31,6 +32,9 @@ import json
 import sys
 
 from smat.errors import SmatError
+
+# `smat.finetune.ADAPTERS` and zero-shot (spelt out: building the parser must not import jax).
+ADAPT_MODES = ("zero-shot", "full", "lora", "sparse", "random", "map", "influence")
 
 
 def _distributed_arg(parser: argparse.ArgumentParser) -> None:
@@ -376,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Few-shot evaluation of the best checkpoint of a `smat meta-train` workdir "
                   "(deterministic gates, router α, merged θ_task), or of a frozen backbone with "
                   "--method pre --backbone B: ProtoNet on θ_task as it is (zero-shot) or after "
-                  "50 fine-tuning steps on the augmented support (--adapt full|lora|sparse, lr "
+                  "50 fine-tuning steps on the augmented support (--adapt, lr "
                   "searched per domain on the first 5 episodes, which are not reported). Every "
                   "method and mode sees the same episodes for a given seed. Writes JSON (per "
                   "domain: accuracy %, 95% CI, episodes, ways/shots, per-episode accuracies; ID "
@@ -392,11 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--id-domains", default=None, metavar="SPEC[,SPEC...]",
                   help="which of them count as in-distribution (default: those the run "
                        "meta-trained on)")
-  ev.add_argument("--adapt", choices=["zero-shot", "full", "lora", "sparse"],
-                  default="zero-shot",
+  ev.add_argument("--adapt", choices=ADAPT_MODES, default="zero-shot",
                   help="adaptation on the support before predicting: none (zero-shot), full "
                        "fine-tuning (AdamW, wd 0.01), LoRA (rank 8, α 32, dropout 0.1, query/"
-                       "value, lr ×10) or sparse (only the entries of SMAT's merged mask)")
+                       "value, lr ×10), sparse (only the entries of SMAT's merged mask), or a δ "
+                       "at density 0.1 masked by a sparsity strategy: random, map (magnitude "
+                       "attention) or influence (PLATON); the strategies warm up densely for 10 "
+                       "steps and prune cubically until step 40")
   ev.add_argument("--episodes", type=int, default=600,
                   help="reported episodes per domain, after the --lr-search-episodes reserved "
                        "ones (reserved in every mode, so all modes see the same episodes)")

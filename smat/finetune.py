@@ -8,12 +8,17 @@ reach the backbone through both. The query is then classified by prototypes of t
 model. The whole adaptation is one `lax.scan`, vmapped over a batch of episodes and jitted once
 per (adapter, episode shape).
 
-What is trained is an *adapter*, a plugin with four pure functions; the backbone knows nothing
-of them:
-  full    every backbone parameter, AdamW (weight decay 0.01)
-  lora    rank-8 factors on the query and value projections (α 32, dropout 0.1), lr × 10; the
-          backbone's Dense calls are intercepted, so LoRA at initialisation (B = 0) *is* θ_task
-  sparse  the entries the task's merged SMAT mask m leaves non-zero (the rest stay fixed)
+What is trained is an *adapter*, a plugin of pure functions (init, init_state, features,
+optimizer, restrict, observe); the backbone knows nothing of them:
+  full      every backbone parameter, AdamW (weight decay 0.01)
+  lora      rank-8 factors on the query and value projections (α 32, dropout 0.1), lr × 10; the
+            backbone's Dense calls are intercepted, so LoRA at initialisation (B = 0) *is* θ_task
+  sparse    the entries the task's merged SMAT mask m leaves non-zero (the rest stay fixed)
+  random, map, influence
+            a δ over θ_task masked by a `smat.sparsity` strategy at density 0.1, the strategy
+            updated from (δ, ∂L/∂δ, step) after every step (`Strategic`)
+An adapter's *state* (the selected entries, a strategy's scores) is carried through the steps
+but never trained.
 
 The learning rate is chosen per domain from `lrs` by mean query accuracy on the first
 `search_episodes` episodes, which are then not reported (`search_lr`).
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smat import fewshot, protonet
+from smat import fewshot, protonet, sparsity
 from smat.data import augment
 from smat.data import episodes as ep
 from smat.errors import SmatError
@@ -70,16 +75,24 @@ class Full:
     del key
     return theta
 
-  def features(self, theta, trainable, images, key, config):
-    del theta, key
+  def init_state(self, theta, selected):
+    del theta
+    return selected
+
+  def features(self, theta, trainable, state, images, key, config):
+    del theta, state, key
     return vit.forward(trainable, images, config)
 
   def optimizer(self, lr):
     return optax.adamw(lr * self.lr_scale, weight_decay=self.weight_decay)
 
-  def restrict(self, updates, selected):
-    del selected
+  def restrict(self, updates, state):
+    del state
     return updates
+
+  def observe(self, state, trainable, grads, step):
+    del trainable, grads, step
+    return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +101,41 @@ class Sparse(Full):
 
   needs_mask = True
 
-  def restrict(self, updates, selected):
-    return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, selected)
+  def restrict(self, updates, state):
+    return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, state)
 
 
 LORA_TARGETS = ("query", "value")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class Strategic(Full):
+  """θ = θ_task + stop_gradient(mask) ⊙ δ, δ from 0, the mask from a sparsity strategy that
+  sees (δ, ∂L/∂δ, step) after each step (see `smat.sparsity` for each strategy's warm-up)."""
+
+  strategy: object = None
+
+  def init(self, theta, key):
+    del key
+    return jax.tree.map(jnp.zeros_like, theta)
+
+  def init_state(self, theta, selected):
+    del selected
+    # The strategy's own key: fixed, so every episode and lr of a domain share a random mask.
+    return self.strategy.init(theta, jax.random.key(0))
+
+  def features(self, theta, trainable, state, images, key, config):
+    del key
+    mask = jax.lax.stop_gradient(self.strategy.mask(state))
+    return vit.forward(jax.tree.map(lambda p, m, d: p + m * d, theta, mask, trainable), images,
+                       config)
+
+  def observe(self, state, trainable, grads, step):
+    return self.strategy.update(state, trainable, grads, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Full):
   """h = W x + (α / r) · B A dropout(x) on the query and value projections of every block.
 
   A [L, in, r] ~ U(±1/√in) (PEFT's Kaiming-uniform), B [L, r, out] = 0; θ_task stays frozen.
@@ -118,7 +157,8 @@ class LoRA:
                        "lora_b": jnp.zeros((depth, self.rank, fan_out))}
     return factors
 
-  def features(self, theta, trainable, images, key, config):
+  def features(self, theta, trainable, state, images, key, config):
+    del state
     attn = dict(theta["blocks"]["attn"])
     for name, factors in trainable.items():
       attn[name] = {**attn[name], **factors}
@@ -141,15 +181,15 @@ class LoRA:
       return vit.forward(params, images, config,
                          rngs=None if key is None else {"dropout": key})
 
-  def optimizer(self, lr):
-    return optax.adamw(lr * self.lr_scale, weight_decay=self.weight_decay)
 
-  def restrict(self, updates, selected):
-    del selected
-    return updates
+STRATEGY_DENSITY = 0.1  # 1 − τ of ViT-S
+STRATEGY_SCHEDULE = {"start": 10, "end": 40}  # of the 50 steps: warm-up, prune, survivors
 
-
-ADAPTERS = {"full": Full(), "lora": LoRA(), "sparse": Sparse()}
+ADAPTERS = {"full": Full(), "lora": LoRA(), "sparse": Sparse(),
+            "random": Strategic(strategy=sparsity.Random(STRATEGY_DENSITY)),
+            "map": Strategic(strategy=sparsity.MAP(STRATEGY_DENSITY, **STRATEGY_SCHEDULE)),
+            "influence": Strategic(strategy=sparsity.Influence(STRATEGY_DENSITY,
+                                                               **STRATEGY_SCHEDULE))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,36 +223,40 @@ def _prototypes(features, episode):
 
 def adapt(adapter, theta, selected, episode, key, lr, config: vit.ViTConfig,
           ft: FinetuneConfig):
-  """(adapter's trained state after `ft.steps` steps on the support, support losses [steps])."""
+  """(trained params, adapter state, support losses [steps]) after `ft.steps` steps."""
   support = vit.preprocess(episode.support_images, config)
   k_init, k_steps = jax.random.split(key)
   optimizer = adapter.optimizer(lr)
 
-  def support_loss(trainable, key):
+  def support_loss(trainable, state, key):
     k_aug, k_clean, k_augmented = jax.random.split(key, 3)
-    protos = _prototypes(adapter.features(theta, trainable, support, k_clean, config), episode)
+    features = lambda images, k: adapter.features(theta, trainable, state, images, k, config)
+    protos = _prototypes(features(support, k_clean), episode)
     augmented = augment.support_augment(k_aug, support, ft.augment_prob, ft.translation)
-    f = adapter.features(theta, trainable, augmented, k_augmented, config)
-    logits = protonet.cosine_logits(f, protos, episode.class_mask, ft.cosine_scale)
+    logits = protonet.cosine_logits(features(augmented, k_augmented), protos,
+                                    episode.class_mask, ft.cosine_scale)
     return protonet.cross_entropy(logits, episode.support_labels, episode.support_mask)
 
-  def step(carry, key):
-    trainable, opt_state = carry
-    loss, grads = jax.value_and_grad(support_loss)(trainable, key)
+  def step(carry, inputs):
+    trainable, opt_state, state = carry
+    index, key = inputs
+    loss, grads = jax.value_and_grad(support_loss)(trainable, state, key)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return (optax.apply_updates(trainable, adapter.restrict(updates, selected)), opt_state), loss
+    new = optax.apply_updates(trainable, adapter.restrict(updates, state))
+    return (new, opt_state, adapter.observe(state, trainable, grads, index)), loss
 
   trainable = adapter.init(theta, k_init)
-  (trainable, _), losses = jax.lax.scan(step, (trainable, optimizer.init(trainable)),
-                                        jax.random.split(k_steps, ft.steps))
-  return trainable, losses
+  carry = (trainable, optimizer.init(trainable), adapter.init_state(theta, selected))
+  (trainable, _, state), losses = jax.lax.scan(
+      step, carry, (jnp.arange(ft.steps), jax.random.split(k_steps, ft.steps)))
+  return trainable, state, losses
 
 
-def query_accuracy(adapter, theta, trainable, episode, config: vit.ViTConfig,
+def query_accuracy(adapter, theta, trainable, state, episode, config: vit.ViTConfig,
                    ft: FinetuneConfig):
   """ProtoNet query accuracy of the adapted model (prototypes of the clean support)."""
-  features = lambda images: adapter.features(theta, trainable, vit.preprocess(images, config),
-                                             None, config)
+  features = lambda images: adapter.features(theta, trainable, state,
+                                             vit.preprocess(images, config), None, config)
   protos = _prototypes(features(episode.support_images), episode)
   logits = protonet.cosine_logits(features(episode.query_images), protos, episode.class_mask,
                                   ft.cosine_scale)
@@ -227,8 +271,8 @@ def finetune_batch(model: TaskModel, episodes, keys, lrs, *, adapter, hp, config
   def one(episode, key, lr):
     theta, merged = task_theta(model, episode, hp)
     selected = None if merged is None else experts.selected(merged, theta)
-    trainable, losses = adapt(adapter, theta, selected, episode, key, lr, config, ft)
-    return query_accuracy(adapter, theta, trainable, episode, config, ft), losses
+    trainable, state, losses = adapt(adapter, theta, selected, episode, key, lr, config, ft)
+    return query_accuracy(adapter, theta, trainable, state, episode, config, ft), losses
 
   return jax.vmap(one)(episodes, keys, lrs)
 

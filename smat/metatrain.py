@@ -20,14 +20,42 @@ import time
 import jax
 import numpy as np
 
-from smat import fewshot, training
+from smat import fewshot, sparsity, training
 from smat.data import loader
 from smat.errors import SmatError
 from smat.meta import step as meta_step
-from smat.meta import tasks
+from smat.meta import experts, tasks
 from smat.models import checkpoint, vit
 
 EXPERT_METHODS = ("smat", "softmerge")
+
+
+def mask_strategy(config):
+  """The `smat.sparsity` strategy of `experts.masks` (None for SMAT's learned gates), at density
+  1 − τ, its schedule in steps from the fractions in `config.sparsity`."""
+  e, sp = config.experts, config.sparsity
+  if e.masks == "learned" or config.method != "smat":
+    return None
+  _, total, _ = schedule_steps(config)
+  fields = {"density": 1.0 - e.target_sparsity,
+            "exclude": experts.EMBEDDINGS if e.freeze_embeddings else ()}
+  if e.masks in ("map", "influence", "selfpruner"):
+    fields["start"] = int(round(sp.start * total))
+  if e.masks in ("map", "influence"):
+    fields["end"] = int(round(sp.end * total))
+  if e.masks == "selfpruner" and sp.rates:
+    fields["rates"] = tuple(float(r) for r in sp.rates.split(","))
+  if e.masks == "map":
+    fields.update(every=sp.every, normalize=sp.normalize)
+  if e.masks == "influence":
+    fields.update(window=sp.window, beta1=sp.beta1, beta2=sp.beta2)
+  if e.structured:
+    raise SmatError("experts.structured applies to learned gates; mask strategies are "
+                    "unstructured: set experts.structured=False or experts.masks=learned")
+  try:
+    return sparsity.make(e.masks, **fields)
+  except ValueError as err:
+    raise SmatError(f"experts.masks={e.masks!r}: {err}") from None
 
 
 def hyper(config, vit_config) -> tasks.Hyper:
@@ -39,7 +67,7 @@ def hyper(config, vit_config) -> tasks.Hyper:
       teacher_lr=t.lr, kd_temperature=t.temperature, kd_direction=t.direction,
       ce_weight=1.0 - t.weight, kd_weight=t.weight, router_logit_weight=r.logit_weight,
       temperature_start=r.temperature_start, temperature_floor=r.temperature_floor,
-      temperature_decay_tasks=r.temperature_decay_tasks)
+      temperature_decay_tasks=r.temperature_decay_tasks, mask_strategy=mask_strategy(config))
 
 
 def schedule_steps(config) -> tuple[int, int, int]:
@@ -128,10 +156,12 @@ def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None):
   hp = hyper(config, vit_config)
   _, total, warmup = schedule_steps(config)
   optimizer = meta_step.make_optimizer(config.optim, total, warmup)
-  params, router_state = meta_step.init_params(
-      jax.random.key(config.seed), theta_pre, hp, config.experts.structured,
-      config.experts.freeze_embeddings)
-  return theta_pre, hp, optimizer, meta_step.init_state(params, router_state, optimizer)
+  key = jax.random.key(config.seed)
+  params, router_state = meta_step.init_params(key, theta_pre, hp, config.experts.structured,
+                                               config.experts.freeze_embeddings)
+  state = meta_step.init_state(params, router_state, optimizer,
+                               meta_step.init_sparsity(key, theta_pre, hp))
+  return theta_pre, hp, optimizer, state
 
 
 def load_run(workdir: str, which: str = "best") -> Run:

@@ -32,8 +32,15 @@ def density_by_layer(gate_logits, theta_pre, expected: bool = False) -> dict[str
   """
   keep = ((lambda g: gates.prob_nonzero(g)) if expected
           else (lambda g: (gates.deterministic(g) != 0).astype(np.float32)))
+  return kept_by_layer(jax.tree.map(lambda g: keep(g) if experts.has_gates(g) else g,
+                                    gate_logits), theta_pre)
+
+
+def kept_by_layer(kept_entries, theta_pre) -> dict[str, np.ndarray]:
+  """`density_by_layer` of a tree of per-expert kept values [M, *G] in [0, 1] (a mask
+  strategy's masks ≠ 0, or gate probabilities)."""
   kept, total = {}, {}
-  flat_gates = jax.tree_util.tree_flatten_with_path(gate_logits)[0]
+  flat_gates = jax.tree_util.tree_flatten_with_path(kept_entries)[0]
   for (path, z), p in zip(flat_gates, jax.tree.leaves(theta_pre)):
     name = experts.path_name(path)
     if name.startswith("blocks/"):
@@ -43,7 +50,7 @@ def density_by_layer(gate_logits, theta_pre, expected: bool = False) -> dict[str
     size = np.prod(p.shape) / per_layer
     if experts.has_gates(z):
       coverage = np.prod(p.shape) / z[0].size
-      nonzero = np.asarray(keep(z)).reshape(z.shape[0], per_layer, -1).sum(-1) * coverage
+      nonzero = np.asarray(z).reshape(z.shape[0], per_layer, -1).sum(-1) * coverage
     else:
       nonzero = np.zeros((z.shape[0], per_layer))
     kept[kind] = kept.get(kind, 0.0) + nonzero
@@ -173,7 +180,17 @@ def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image
 
   os.makedirs(out_dir, exist_ok=True)
   written, summary = [], {}
-  if run.hp.method == "smat":
+  if "masks" in run.params:  # a mask strategy: its (fixed) masks are what meta-test uses
+    density = kept_by_layer(jax.tree.map(lambda m: (m != 0).astype(np.float32),
+                                         run.params["masks"]), run.theta_pre)
+    plot_density(density, os.path.join(out_dir, "mask_density.png"),
+                 f"density of the {run.hp.mask_strategy.__class__.__name__} masks")
+    summary["mask_density"] = density_summary(density, run.theta_pre)
+    written.append("mask_density.png")
+    with open(os.path.join(out_dir, "mask_density.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    written.append("mask_density.json")
+  elif run.hp.method == "smat":
     for name, expected, label in (
         ("mask_density", False, "density of the deterministic (meta-test) mask"),
         ("mask_density_expected", True, "expected density of a training sample")):

@@ -45,9 +45,13 @@ def cheap_jit(fn, **kwargs):
 _init = cheap_jit(vit.init, static_argnums=0)
 _forward = cheap_jit(vit.forward, static_argnums=2)
 _features = cheap_jit(lambda adapter, theta, trainable, images, key: adapter.features(
-    theta, trainable, images, key, CFG), static_argnums=0)
-_adapt = cheap_jit(finetune.adapt, static_argnums=(0, 6, 7))
-_query_accuracy = cheap_jit(finetune.query_accuracy, static_argnums=(0, 4, 5))
+    theta, trainable, None, images, key, CFG), static_argnums=0)
+# (trained params, support losses): the adapter state is only needed for strategies.
+_adapt_state = cheap_jit(finetune.adapt, static_argnums=(0, 6, 7))
+_adapt = lambda *args: _adapt_state(*args)[::2]
+_query_accuracy_state = cheap_jit(finetune.query_accuracy, static_argnums=(0, 5, 6))
+_query_accuracy = lambda adapter, theta, tuned, episode, config, ft: _query_accuracy_state(
+    adapter, theta, tuned, None, episode, config, ft)
 _support_augment = cheap_jit(augment.support_augment, static_argnums=(2, 3))
 # The library's jitted functions, compiled cheaply (the same functions: `cheap_library`).
 _finetune_batch = cheap_jit(finetune.finetune_batch,
@@ -288,9 +292,11 @@ def test_sparse_finetuning_of_a_smat_task_follows_its_merged_mask():
   @cheap_jit
   def tune(model, episode, key):
     task, merged = finetune.task_theta(model, episode, SMAT_HP)
-    tuned, losses = finetune.adapt(finetune.Sparse(), task, experts.selected(merged, task),
-                                   episode, key, 1e-2, CFG, FT)
-    accuracy = finetune.query_accuracy(finetune.Sparse(), task, tuned, episode, CFG, FT)
+    selected = experts.selected(merged, task)
+    tuned, _, losses = finetune.adapt(finetune.Sparse(), task, selected, episode, key, 1e-2,
+                                      CFG, FT)
+    accuracy = finetune.query_accuracy(finetune.Sparse(), task, tuned, selected, episode, CFG,
+                                       FT)
     return task, merged, tuned, losses, accuracy
 
   episode, key = make_episode(3), finetune.episode_key(0, 0)

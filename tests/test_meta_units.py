@@ -550,7 +550,8 @@ def test_distillation_gradient_reaches_the_student_only(direction):
 def _loss_grad():
   """value_and_grad of the smat meta-batch loss w.r.t. (params, θ_pre)."""
   hp = hyper("smat")
-  fn = lambda params, rs, th, eps, keys, temp: step._loss(params, rs, th, eps, keys, temp, hp)
+  fn = lambda params, rs, th, eps, keys, temp: step._loss(params, None, rs, th, eps, keys, temp,
+                                                         hp)
   return cheap_jit(jax.value_and_grad(fn, (0, 2), has_aux=True))
 
 

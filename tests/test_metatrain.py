@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from smat import cli, training
+from smat import cli, sparsity, training
 from smat import config as config_lib
 from smat import metatrain
 from smat.data import loader
@@ -410,3 +410,36 @@ def test_cli_meta_train(base, tmp_path, capsys):
   assert code == 2
   assert "optim.nope" in err and err.startswith("error:")
   assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("masks", ["influence", "random"])
+def test_mask_strategy_runs_resume_exactly_and_keep_their_budget(base, tmp_path, masks):
+  """Strategies in place of learned gates: masks are params the optimiser never moves, each
+  expert meets the budget exactly once the schedule ends, and a resumed run is bit-identical
+  (the strategy's state is checkpointed)."""
+  config = config_lib.load("configs/smat_glyphs.py:smoke", [
+      *base, f"--config.experts.masks={masks}", "--config.sparsity.start=0.25",
+      "--config.sparsity.end=0.75", "--config.sparsity.window=1", "--config.train.epochs=3"])
+  whole = metatrain.train_and_evaluate(config, str(tmp_path / "whole"), progress=False)
+  assert whole["stopped_at"] == 6
+  metatrain.train_and_evaluate(config, str(tmp_path / "cut"), stop_after=3, progress=False)
+  metatrain.train_and_evaluate(config, str(tmp_path / "cut"), progress=False)
+  final = _saved(config, tmp_path / "whole")
+  _assert_same_checkpoint(final, _saved(config, tmp_path / "cut"))
+
+  state = final.state
+  assert "gates" not in state.params and "lam" not in state.params
+  theta_pre = metatrain.setup(config)[0]
+  kept = sparsity.kept_count(theta_pre, 1.0 - config.experts.target_sparsity)
+  masks_now = jax.tree.leaves(state.params["masks"])
+  for k in range(config.experts.num_experts):
+    assert sum(int((m[k] != 0).sum()) for m in masks_now) == kept
+    assert all(set(np.unique(m[k])) <= {0.0, 1.0} for m in masks_now)
+  if masks == "random":  # fixed from the start: the masks of step 0 are the final ones
+    initial = metatrain.setup(config)[3].params["masks"]
+    chex.assert_trees_all_equal(initial, state.params["masks"])
+  rows = [r for r in _train_rows(tmp_path / "whole")]
+  assert rows[-1]["mean_expert_sparsity"] == pytest.approx(config.experts.target_sparsity,
+                                                           abs=1e-4)
+  run = metatrain.load_run(str(tmp_path / "whole"))  # meta-test reads the same masks
+  assert "masks" in run.params

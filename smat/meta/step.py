@@ -5,11 +5,14 @@ Trainable state (θ_pre is an argument, never optimised or checkpointed):
   gates   log_α, [M, *G] per backbone leaf                     (smat)
   lam     λ [M]                                                  (smat)
   router  block, skill tokens, expert keys                       (smat, softmerge)
+  masks   the experts' masks [M, *P] from a mask strategy (smat with `hp.mask_strategy`, in
+          place of gates and λ); the strategy's own state is `MetaState.sparsity`
 Optimiser groups (one `optax.multi_transform` from the top-level key):
   delta   weight decay + SGD momentum, warm-up + cosine schedule
   gates   global-norm clip + plain SGD (lr 1e6 drives gates to 0/1)
   lam     plain SGD on L_lagr (= ascent on the violation), no clipping
   router  global-norm clip + AdamW
+  masks   none (set by the strategy after each step)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class MetaState(NamedTuple):
   step: jax.Array  # optimiser steps taken
   tasks_seen: jax.Array  # drives the router temperature
   bad_step: jax.Array  # first step whose loss or gradient was non-finite; -1 if none
+  sparsity: object = ()  # per-expert state of the mask strategy [M, ...]; () without one
 
 
 def delta_schedule(optim, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -50,6 +54,7 @@ def make_optimizer(optim, total_steps: int, warmup_steps: int) -> optax.Gradient
       "lam": optax.sgd(optim.lambda_lr),
       "router": optax.chain(optax.clip_by_global_norm(optim.router_clip),
                             optax.adamw(optim.router_lr, weight_decay=optim.router_weight_decay)),
+      "masks": optax.set_to_zero(),
   }
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
   return optax.multi_transform(groups, labels)
@@ -57,7 +62,8 @@ def make_optimizer(optim, total_steps: int, warmup_steps: int) -> optax.Gradient
 
 def init_params(key: jax.Array, theta_pre, hp: tasks.Hyper, structured: bool = False,
                 freeze_embeddings: bool = False) -> tuple[dict, dict]:
-  """(trainable params, router state) at initialisation: δ = 0, log_α ~ N(0, 0.5²), λ = 0."""
+  """(trainable params, router state) at initialisation: δ = 0, log_α ~ N(0, 0.5²), λ = 0 (or,
+  with a mask strategy, its initial masks in place of log_α and λ)."""
   k_gates, k_router = jax.random.split(key)
   if hp.method == "pmf":
     return {"delta": experts.init_delta(theta_pre)}, {}
@@ -66,6 +72,10 @@ def init_params(key: jax.Array, theta_pre, hp: tasks.Hyper, structured: bool = F
   if hp.method == "softmerge":
     deltas = jax.tree.map(lambda p: jnp.zeros((hp.num_experts,) + p.shape), theta_pre)
     return {"delta": deltas, "router": router_params}, router_state
+  if hp.mask_strategy is not None:
+    return {"delta": experts.init_delta(theta_pre),
+            "masks": expert_masks(hp.mask_strategy, init_sparsity(key, theta_pre, hp)),
+            "router": router_params}, router_state
   return {"delta": experts.init_delta(theta_pre),
           "gates": experts.init_gates(k_gates, theta_pre, hp.num_experts, structured,
                                       freeze_embeddings),
@@ -73,27 +83,42 @@ def init_params(key: jax.Array, theta_pre, hp: tasks.Hyper, structured: bool = F
           "router": router_params}, router_state
 
 
-def init_state(params: dict, router_state: dict, optimizer) -> MetaState:
+def init_sparsity(key: jax.Array, theta_pre, hp: tasks.Hyper):
+  """The mask strategy's state for each expert [M, ...], () without one. Called with
+  `init_params`'s key (it draws from the same branch as the gates), so the two agree."""
+  if hp.mask_strategy is None:
+    return ()
+  keys = jax.random.split(jax.random.split(key)[0], hp.num_experts)
+  return jax.vmap(hp.mask_strategy.init, (None, 0))(experts.init_delta(theta_pre), keys)
+
+
+def expert_masks(strategy, sparsity_state):
+  return jax.vmap(strategy.mask)(sparsity_state)
+
+
+def init_state(params: dict, router_state: dict, optimizer, sparsity=()) -> MetaState:
   scalar = lambda v: jnp.full((), v, jnp.int32)
-  return MetaState(params, optimizer.init(params), router_state, scalar(0), scalar(0), scalar(-1))
+  return MetaState(params, optimizer.init(params), router_state, scalar(0), scalar(0), scalar(-1),
+                   sparsity)
 
 
 def _task_keys(key: jax.Array, count: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
 
 
-def _loss(params, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
-  """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics)."""
+def _loss(params, probe, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
+  """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics). `probe`: zeros
+  [M, *P] whose gradient is each expert's share of ∂L/∂δ (mask strategies), else None."""
   theta_pre = jax.lax.stop_gradient(theta_pre)  # frozen: exactly zero gradient
   if hp.method == "pmf":
     losses, metrics = jax.vmap(tasks.protonet_loss, (None, None, 0, None))(
         params, theta_pre, episodes, hp)
     return losses.mean(), (metrics, {})
   router_params = router.spectral_normalize(params["router"], router_state)
-  losses, metrics = jax.vmap(tasks.expert_loss, (None, None, None, 0, 0, None, None))(
-      params, theta_pre, router_params, episodes, keys, temp, hp)
+  losses, metrics = jax.vmap(tasks.expert_loss, (None, None, None, 0, 0, None, None, None))(
+      params, theta_pre, router_params, episodes, keys, temp, hp, probe)
   loss, batch = losses.mean(), {}
-  if hp.method == "smat":
+  if "gates" in params:
     tau = hp.target_sparsity
     sparsity = metrics["expert_sparsity"].mean(0)
     lam = budget.reset(params["lam"], sparsity, tau)
@@ -123,10 +148,14 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   temp = hp.temperature(state.tasks_seen)
   router_state = (router.power_iteration(state.params["router"], state.router_state)
                   if state.router_state else state.router_state)
-  (loss, (metrics, batch)), grads = jax.value_and_grad(_loss, has_aux=True)(
-      state.params, router_state, theta_pre, episodes, keys, temp, hp)
+  strategy = hp.mask_strategy if hp.method == "smat" else None
+  probe = (None if strategy is None else
+           jax.tree.map(jnp.zeros_like, state.params["masks"]))
+  (loss, (metrics, batch)), (grads, expert_grads) = jax.value_and_grad(
+      _loss, argnums=(0, 1), has_aux=True)(
+          state.params, probe, router_state, theta_pre, episodes, keys, temp, hp)
   params = state.params
-  if hp.method == "smat":  # reset λ of experts already sparser than τ, then step
+  if "lam" in params:  # reset λ of experts already sparser than τ, then step
     params = {**params, "lam": budget.reset(params["lam"], metrics["expert_sparsity"].mean(0),
                                             hp.target_sparsity)}
   updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -134,13 +163,19 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   if "gates" in new_params:  # projections: log_α into its range, λ ≥ 0
     new_params["gates"] = jax.tree.map(gates.clamp, new_params["gates"])
     new_params["lam"] = jnp.maximum(new_params["lam"], 0.0)
+  sparsity = state.sparsity
+  if strategy is not None:  # each expert's strategy sees (δ, its share of ∂L/∂δ, step)
+    sparsity = jax.vmap(strategy.update, (0, None, 0, None))(
+        state.sparsity, params["delta"], expert_grads, state.step)
+    new_params["masks"] = expert_masks(strategy, sparsity)
   finite = _all_finite(loss, grads)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = MetaState(
       keep(new_params, state.params), keep(opt_state, state.opt_state),
       keep(router_state, state.router_state), state.step + 1,
       state.tasks_seen + num_tasks,
-      jnp.where(finite | (state.bad_step >= 0), state.bad_step, state.step))
+      jnp.where(finite | (state.bad_step >= 0), state.bad_step, state.step),
+      keep(sparsity, state.sparsity))
   summary = {k: v.mean(0) for k, v in metrics.items()}
   summary.update(batch, loss=loss, grad_norm=optax.tree.norm(grads), temperature=temp,
                  finite=finite.astype(jnp.float32))

@@ -43,6 +43,9 @@ class Hyper:
   temperature_start: float = 5.0
   temperature_floor: float = 0.5
   temperature_decay_tasks: float = 4000.0
+  # A `smat.sparsity` strategy giving the experts' masks in place of learned gates (None: SMAT's
+  # hard-concrete gates). Its masks live in the trainable tree as `masks` [M, *P], never trained.
+  mask_strategy: object = None
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -128,22 +131,33 @@ def route(router_params, theta_pre, episode, hp: Hyper, temp, key=None):
   return logits, alpha, protos_pre
 
 
-def task_params(trainable, theta_pre, alpha, hp: Hyper, key):
-  """Training θ_task from sampled gates → (θ_task, per-expert measured sparsity [M] or None,
-  merged mask density or None); meta-test uses `zero_shot_task`."""
+def task_params(trainable, theta_pre, alpha, hp: Hyper, key, probe=None):
+  """Training θ_task → (θ_task, per-expert measured sparsity [M] or None, merged mask density or
+  None); meta-test uses `zero_shot_task`.
+
+  SMAT samples its gates; with a mask strategy the masks are fixed inputs and θ_task =
+  θ_pre + Σ_k α_k m_k ⊙ (δ + probe_k), where the zero `probe` [M, *P] exists only so that its
+  gradient is each expert's share ∂L/∂δ_k (what the strategy scores).
+  """
   if hp.method == "softmerge":
     return experts.soft_merge(theta_pre, trainable["delta"], alpha), None, None
+  if "masks" in trainable:
+    masks = sg(trainable["masks"])
+    theta = jax.tree.map(lambda p, d, m, q: p + jnp.tensordot(alpha, m * (d + q), axes=1),
+                         theta_pre, trainable["delta"], masks, probe)
+    merged = experts.merge(alpha, masks)
+    return theta, experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre)
   masks = experts.sample_masks(key, trainable["gates"], hp.gate_noise)
   merged = experts.merge(alpha, masks)
   return (experts.interpolate(theta_pre, trainable["delta"], merged),
           experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre))
 
 
-def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyper):
+def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyper, probe=None):
   """SMAT / SoftMerge loss of one task → (loss, metrics). `router_params` are normalised."""
   k_route, k_gates = jax.random.split(key)
   logits, alpha, protos_pre = route(router_params, theta_pre, episode, hp, temp, k_route)
-  theta, sparsity, density = task_params(trainable, theta_pre, alpha, hp, k_gates)
+  theta, sparsity, density = task_params(trainable, theta_pre, alpha, hp, k_gates, probe)
   adapted, head, support_ce, support_acc = inner_step(theta, episode, hp)
   f_q, vjp_q = jax.vjp(lambda t: features(t, episode.query_images, hp.vit), adapted)
   student = logits_of(f_q, head, episode.class_mask, hp)
@@ -190,15 +204,16 @@ def zero_shot_params(trainable, theta_pre, router_params, episode, hp: Hyper, te
 def zero_shot_task(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
   """(θ_task, α or None, merged mask m or None) of one task at meta-test.
 
-  m is SMAT's Σ_k α_k z_k with deterministic gates (None for PMF and SoftMerge, which have no
-  gates); sparse fine-tuning updates where it is non-zero.
+  m is SMAT's Σ_k α_k z_k with deterministic gates, or with a mask strategy's masks (None for
+  PMF and SoftMerge, which have no gates); sparse fine-tuning updates where it is non-zero.
   """
   if hp.method == "pmf":
     return jax.tree.map(jnp.add, theta_pre, trainable["delta"]), None, None
   _, alpha, _ = route(router_params, theta_pre, episode, hp, temp)
   if hp.method == "softmerge":
     return experts.soft_merge(theta_pre, trainable["delta"], alpha), alpha, None
-  merged = experts.merge(alpha, experts.eval_masks(trainable["gates"]))
+  masks = trainable["masks"] if "masks" in trainable else experts.eval_masks(trainable["gates"])
+  merged = experts.merge(alpha, masks)
   return experts.interpolate(theta_pre, trainable["delta"], merged), alpha, merged
 
 
