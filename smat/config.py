@@ -45,13 +45,28 @@ def sibling(config_file: str, name: str, arg: str | None = None) -> ml_collectio
 
 
 def from_json(path: str) -> ml_collections.ConfigDict:
-  """A config saved by a run (`config.json`), locked like a loaded one."""
+  """A config saved by a run (`config.json`), locked like a loaded one. A meta-training run
+  saved before a field existed gets that field's default (`smat.meta.defaults.base`)."""
   import json
 
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  if "method" in saved and "experts" in saved:
+    from smat.meta import defaults
+
+    saved = _merged(defaults.base(saved["method"]).to_dict(), saved)
+  config = ml_collections.ConfigDict(saved)
   config.lock()
   return config
+
+
+def _merged(base: dict, saved: dict) -> dict:
+  """`saved` with the keys only `base` has filled in (recursively)."""
+  out = dict(base)
+  for key, value in saved.items():
+    out[key] = (_merged(base[key], value) if isinstance(value, dict)
+                and isinstance(base.get(key), dict) else value)
+  return out
 
 
 def _parse(text: str, current):

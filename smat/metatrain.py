@@ -125,7 +125,7 @@ def evaluate(run: Run, batches, progress: str | None = None) -> dict:
 def _save(manager, state: meta_step.MetaState, rng, data_state: dict, metrics=None) -> None:
   import orbax.checkpoint as ocp
 
-  items = {"state": ocp.args.StandardSave({**state._asdict(), "rng": jax.random.key_data(rng)}),
+  items = {"state": ocp.args.StandardSave({**_fields(state), "rng": jax.random.key_data(rng)}),
            "data": ocp.args.JsonSave(data_state)}
   manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
@@ -137,13 +137,22 @@ def restore(manager, state: meta_step.MetaState, rng, step: int | None = None):
   step = manager.latest_step() if step is None else step
   if step is None:
     return state, rng, None
-  target = {**state._asdict(), "rng": jax.random.key_data(rng)}
+  target = {**_fields(state), "rng": jax.random.key_data(rng)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
   fields = dict(restored["state"])
   rng = jax.random.wrap_key_data(fields.pop("rng"))
   return meta_step.MetaState(**fields), rng, restored["data"]
+
+
+def _fields(state: meta_step.MetaState) -> dict:
+  """The checkpointed fields: an empty strategy state is left out (runs without a mask
+  strategy keep the checkpoint layout they always had)."""
+  fields = state._asdict()
+  if not jax.tree.leaves(fields["sparsity"]):
+    del fields["sparsity"]
+  return fields
 
 
 def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None):
@@ -155,7 +164,8 @@ def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None):
   theta_pre, vit_config = backbone or checkpoint.load_from_config(config.backbone)
   hp = hyper(config, vit_config)
   _, total, warmup = schedule_steps(config)
-  optimizer = meta_step.make_optimizer(config.optim, total, warmup)
+  optimizer = meta_step.make_optimizer(config.optim, total, warmup,
+                                       masks=hp.mask_strategy is not None)
   key = jax.random.key(config.seed)
   params, router_state = meta_step.init_params(key, theta_pre, hp, config.experts.structured,
                                                config.experts.freeze_embeddings)

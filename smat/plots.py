@@ -172,6 +172,36 @@ def density_summary(density: dict[str, np.ndarray], theta_pre) -> dict:
           "by_expert": {k: density[k].tolist() for k in density}}
 
 
+def meta_test_density(run) -> dict[str, np.ndarray]:
+  """`density_by_layer` of the masks a SMAT run uses at meta-test: its deterministic gates, or
+  a mask strategy's masks."""
+  if "masks" in run.params:
+    return kept_by_layer(jax.tree.map(lambda m: (m != 0).astype(np.float32),
+                                      run.params["masks"]), run.theta_pre)
+  return density_by_layer(run.params["gates"], run.theta_pre)
+
+
+def plot_density_comparison(by_type: dict[str, dict[str, float]], path: str,
+                            title: str = "mask density by parameter type") -> None:
+  """Grouped bars: for each parameter type, one bar per mask source {name: {type: density}}."""
+  plt, fig = _figure(9.0, 3.6)
+  ax = fig.subplots()
+  names = list(by_type)
+  kinds = [k for k in (*PARAM_TYPES, "embeddings", "final norm")
+           if any(k in d for d in by_type.values())]
+  width = 0.8 / max(len(names), 1)
+  for i, name in enumerate(names):
+    ax.bar(np.arange(len(kinds)) + (i - (len(names) - 1) / 2) * width,
+           [by_type[name].get(k, 0.0) for k in kinds], width, label=name)
+  ax.set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right")
+  ax.set_ylabel("fraction of entries kept")
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+  ax.grid(axis="y", alpha=0.3)
+  fig.savefig(path, bbox_inches="tight")
+  plt.close(fig)
+
+
 def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image_size: int,
                       episodes: int = 100, seed: int = 0) -> list[str]:
   """The figures of a SMAT/SoftMerge run (and their .json) into `out_dir`; the files written."""
@@ -181,8 +211,7 @@ def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image
   os.makedirs(out_dir, exist_ok=True)
   written, summary = [], {}
   if "masks" in run.params:  # a mask strategy: its (fixed) masks are what meta-test uses
-    density = kept_by_layer(jax.tree.map(lambda m: (m != 0).astype(np.float32),
-                                         run.params["masks"]), run.theta_pre)
+    density = meta_test_density(run)
     plot_density(density, os.path.join(out_dir, "mask_density.png"),
                  f"density of the {run.hp.mask_strategy.__class__.__name__} masks")
     summary["mask_density"] = density_summary(density, run.theta_pre)

@@ -147,3 +147,17 @@ def test_config_without_get_config(tmp_path):
   empty.write_text("x = 1\n")
   with pytest.raises(SmatError, match="defines no get_config"):
     config.load(str(empty))
+
+
+def test_a_run_saved_before_a_field_existed_loads_with_its_default(in_repo, tmp_path):
+  import json
+
+  saved = config.load("configs/smat_glyphs.py", ["--config.experts.num_experts=3"]).to_dict()
+  del saved["sparsity"], saved["experts"]["masks"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  loaded = config.from_json(str(path))
+  assert loaded.experts.masks == "learned" and loaded.sparsity.window == 10
+  assert loaded.experts.num_experts == 3  # saved values win
+  with pytest.raises(AttributeError):
+    loaded.experts.no_such_field  # still locked

@@ -44,8 +44,10 @@ def delta_schedule(optim, total_steps: int, warmup_steps: int) -> optax.Schedule
       end_value=optim.min_lr)
 
 
-def make_optimizer(optim, total_steps: int, warmup_steps: int) -> optax.GradientTransformation:
-  """The four parameter groups of SMAT (a method uses the groups its state has)."""
+def make_optimizer(optim, total_steps: int, warmup_steps: int,
+                   masks: bool = False) -> optax.GradientTransformation:
+  """The four parameter groups of SMAT (a method uses the groups its state has), and with
+  `masks` the never-trained masks of a mask strategy."""
   groups = {
       "delta": optax.chain(optax.add_decayed_weights(optim.delta_weight_decay),
                            optax.sgd(delta_schedule(optim, total_steps, warmup_steps),
@@ -54,8 +56,9 @@ def make_optimizer(optim, total_steps: int, warmup_steps: int) -> optax.Gradient
       "lam": optax.sgd(optim.lambda_lr),
       "router": optax.chain(optax.clip_by_global_norm(optim.router_clip),
                             optax.adamw(optim.router_lr, weight_decay=optim.router_weight_decay)),
-      "masks": optax.set_to_zero(),
   }
+  if masks:
+    groups["masks"] = optax.set_to_zero()
   labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
   return optax.multi_transform(groups, labels)
 

@@ -119,15 +119,15 @@ def budget_fitness(theta_pre, delta, config, batches, density: float,
   meta-tuned delta, e.g. a PMF run's)."""
   from smat import fewshot
 
-  @jax.jit
-  def accuracy(counts, episodes):
+  @jax.jit  # θ_pre and δ are arguments: closed over, XLA would constant-fold the sort
+  def accuracy(theta_pre, delta, counts, episodes):
     mask = grouped_top_k(jax.tree.map(jnp.abs, delta), counts, exclude)
     theta = jax.tree.map(lambda p, m, d: p + m * d, theta_pre, mask, delta)
     return fewshot.batch_accuracy(theta, episodes, config)
 
   def fitness(rates) -> float:
     counts = jnp.asarray(group_counts(delta, density, rates, exclude), jnp.int32)
-    return 100.0 * float(np.mean(np.concatenate([np.asarray(accuracy(counts, b))
-                                                 for b in batches])))
+    return 100.0 * float(np.mean(np.concatenate([
+        np.asarray(accuracy(theta_pre, delta, counts, b)) for b in batches])))
 
   return fitness
