@@ -45,3 +45,52 @@ def test_paired_differences_use_the_same_episodes():
   # A zero-shot cell with more episodes is compared on the fine-tuned cell's episodes only.
   cells["SMAT +full"] = {"a": {"per_episode": [90.0, 60.0]}}
   assert tables.paired(cells, "SMAT +full", "SMAT", ["a"])["a"][0] == 5.0
+
+
+def test_strategies_benchmark_trains_each_strategy_once_and_resumes(monkeypatch, tmp_path):
+  """benchmarks/strategies.py with training and evaluation replaced by recorders: every
+  strategy is meta-trained at τ with its masks, Self-Pruner gets the searched rates, finished
+  cells are reused, and the table pairs learned against every strategy."""
+  import json
+  import types
+
+  from benchmarks import strategies
+
+  trained, searched = [], []
+  monkeypatch.setattr(strategies.sweep, "train_point",
+                      lambda config, overrides, workdir, tau, experts: trained.append(
+                          (workdir, tau, overrides)))
+  monkeypatch.setattr(strategies, "search_rates", lambda *args: searched.append(args) or {
+      "rates": [0.2, 0.05], "fitness": 1.0, "history": [1.0], "evaluations": 2})
+  monkeypatch.setattr(strategies.metatrain, "load_run", lambda workdir: types.SimpleNamespace(
+      workdir=workdir, theta_pre=None))
+  monkeypatch.setattr(strategies.config_lib, "from_json", lambda path: types.SimpleNamespace(
+      data=types.SimpleNamespace(image_size=8)))
+  monkeypatch.setattr(strategies.spec_lib, "load_domains", lambda spec, seed: [spec])
+  score = {"learned": 80.0, "random": 70.0, "selfpruner": 75.0}
+
+  def evaluate_domains(run, groups, sampler, size, episodes, seed):
+    acc = score[run.workdir.rsplit("/", 1)[1].split("_")[0]]
+    return {s: {"accuracy": acc, "ci95": 1.0, "per_episode": [acc] * episodes} for s in groups}
+
+  monkeypatch.setattr(strategies.evaluate, "evaluate_domains", evaluate_domains)
+  monkeypatch.setattr(strategies.plots, "meta_test_density", lambda run: {})
+  monkeypatch.setattr(strategies.plots, "density_summary", lambda density, theta: {
+      "by_type": {"fc1": 0.1}})
+  out = str(tmp_path / "out")
+  args = ["--taus", "0.9", "--strategies", "learned,random,selfpruner", "--episodes", "3",
+          "--id", "a", "--ood", "b", "--workdir", str(tmp_path / "runs"), "--out", out]
+  assert strategies.main(args) == 0
+  assert [(w.rsplit("/", 1)[1], tau) for w, tau, _ in trained] == [
+      ("learned_tau0.9", 0.9), ("random_tau0.9", 0.9), ("selfpruner_tau0.9", 0.9)]
+  assert trained[1][2][-1] == "--config.experts.masks=random"
+  assert trained[2][2][-2:] == ["--config.experts.masks=selfpruner",
+                                "--config.sparsity.rates=0.200000,0.050000"]
+  assert len(searched) == 1
+  text = open(out + ".md").read()
+  assert "| domain | SMAT (learned) τ=0.9 − random τ=0.9 | SMAT (learned) τ=0.9 − Self-Pruner " \
+         "τ=0.9 |" in text
+  assert "| **OOD average** | +10.00 ± 0.00 | +5.00 ± 0.00 |" in text
+  assert (tmp_path / "out_density.png").stat().st_size > 0
+  assert strategies.main(args) == 0 and len(trained) == 3 and len(searched) == 1  # resumed
+  assert json.load(open(out + ".json"))["density"]["random τ=0.9"] == {"fc1": 0.1}
