@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                  "seconds": seconds, "software": evaluate.software_versions()}, f, indent=1)
     parts = [f"<!-- python -m benchmarks.strategies {' '.join(argv or sys.argv[1:])}\n"
              f"machine: {platform.node()} ({os.cpu_count()} CPUs), date: "
-             f"{time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min (all sessions); "
+             f"{time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min (all invocations); "
              f"zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
              f"domain, seed {args.seed} -->"]
     for tau in args.taus.split(","):

@@ -155,23 +155,28 @@ def main(argv=None) -> int:
              if mode != "sparse" or m == "smat"]
 
   def write():
+    tuned = [m for m in modes if m != "zero-shot"]
     header = (f"<!-- python -m benchmarks.tables {' '.join(argv or sys.argv[1:])}\n"
               f"machine: {platform.node()} ({platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs), date: {time.strftime('%Y-%m-%d')}, wall time "
-              f"{(elapsed + time.time() - start) / 60:.1f} min (all sessions)\n"
+              f"{(elapsed + time.time() - start) / 60:.1f} min (all invocations)\n"
               f"{args.ways}-way {args.shots}-shot {args.queries}-query; zero-shot "
-              f"{args.episodes} and fine-tuned {args.finetune_episodes} episodes per cell; "
-              f"{ft.steps} steps, lr grid {list(ft.lrs)} searched per domain on the first "
-              f"{ft.search_episodes} episodes (not reported); seed {args.seed} -->\n")
+              f"{args.episodes} episodes per cell"
+              + (f", fine-tuned ({', '.join(tuned)}) {args.finetune_episodes}; {ft.steps} "
+                 f"steps, lr grid {list(ft.lrs)} searched per domain" if tuned else "")
+              + f"; the first {ft.search_episodes} episodes of every domain reserved (not "
+              f"reported); seed {args.seed} -->\n")
+    pairs = comparison_pairs(columns)
     with open(path, "w") as f:
       json.dump({"args": vars(args), "finetune": ft.__dict__, "id": id_specs, "ood": ood_specs,
                  "cells": cells, "seconds": elapsed + time.time() - start,
                  "software": evaluate.software_versions()}, f, indent=1)
     with open(args.out + ".md", "w") as f:
-      f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n\n"
-              "Paired differences on the identical episodes (mean ± 95% CI of the per-episode "
-              "difference):\n\n"
-              + paired_markdown(cells, id_specs, ood_specs, comparison_pairs(columns)) + "\n")
+      f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n")
+      if any(a in cells and b in cells for a, b in pairs):
+        f.write("\nPaired differences on the identical episodes (mean ± 95% CI of the "
+                "per-episode difference):\n\n"
+                + paired_markdown(cells, id_specs, ood_specs, pairs) + "\n")
 
   models = {"pre": (checkpoint.load(args.backbone), None)}
   for method in METHODS[1:]:
