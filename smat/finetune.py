@@ -17,6 +17,8 @@ optimizer, restrict, observe); the backbone knows nothing of them:
   random, map, influence
             a δ over θ_task masked by a `smat.sparsity` strategy at density 0.1, the strategy
             updated from (δ, ∂L/∂δ, step) after every step (`Strategic`)
+  circuit   a δ on the weight slices of the support's circuit (edge attribution patching),
+            rediscovered every 8 steps (`Circuit`)
 An adapter's *state* (the selected entries, a strategy's scores) is carried through the steps
 but never trained.
 
@@ -39,6 +41,7 @@ import numpy as np
 import optax
 
 from smat import fewshot, protonet, sparsity
+from smat.sparsity import circuit
 from smat.data import augment
 from smat.data import episodes as ep
 from smat.errors import SmatError
@@ -60,6 +63,16 @@ class FinetuneConfig:
   cosine_scale: float = protonet.COSINE_SCALE
 
 
+class Task(NamedTuple):
+  """What an adapter may look at besides its parameters: θ_task, the episode, the backbone's
+  config and the entries of the task's merged SMAT mask (None without one)."""
+
+  theta: dict
+  episode: ep.Episode
+  config: vit.ViTConfig
+  selected: dict | None = None
+
+
 # ----------------------------------------------------------------------------------------------
 # Adapters: what is trained, how it enters the forward pass, with which optimiser.
 
@@ -75,9 +88,8 @@ class Full:
     del key
     return theta
 
-  def init_state(self, theta, selected):
-    del theta
-    return selected
+  def init_state(self, task: "Task"):
+    return task.selected
 
   def features(self, theta, trainable, state, images, key, config):
     del theta, state, key
@@ -90,8 +102,8 @@ class Full:
     del state
     return updates
 
-  def observe(self, state, trainable, grads, step):
-    del trainable, grads, step
+  def observe(self, state, task: "Task", trainable, grads, step):
+    del task, trainable, grads, step
     return state
 
 
@@ -119,19 +131,57 @@ class Strategic(Full):
     del key
     return jax.tree.map(jnp.zeros_like, theta)
 
-  def init_state(self, theta, selected):
-    del selected
+  def init_state(self, task: "Task"):
     # The strategy's own key: fixed, so every episode and lr of a domain share a random mask.
-    return self.strategy.init(theta, jax.random.key(0))
+    return self.strategy.init(task.theta, jax.random.key(0))
+
+  def mask(self, state):
+    return self.strategy.mask(state)
 
   def features(self, theta, trainable, state, images, key, config):
     del key
-    mask = jax.lax.stop_gradient(self.strategy.mask(state))
-    return vit.forward(jax.tree.map(lambda p, m, d: p + m * d, theta, mask, trainable), images,
-                       config)
+    return vit.forward(_masked(theta, self.mask(state), trainable), images, config)
 
-  def observe(self, state, trainable, grads, step):
+  def observe(self, state, task: "Task", trainable, grads, step):
+    del task
     return self.strategy.update(state, trainable, grads, step)
+
+
+def _masked(theta, mask, delta):
+  """θ + stop_gradient(m) ⊙ δ."""
+  mask = jax.lax.stop_gradient(mask)
+  return jax.tree.map(lambda p, m, d: p + m * d, theta, mask, delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Circuit(Strategic):
+  """Circuit-tuning: δ restricted to the weight slices of the episode's circuit, found by edge
+  attribution patching on the support (`smat.sparsity.circuit`) at θ_task and rediscovered at
+  θ_task + m ⊙ δ after every `every` steps; exactly `density` of the entries are trainable."""
+
+  density: float = 0.1
+  every: int = 8  # K
+  group_size: int = 64  # MLP hidden units per node
+  node_weighted: bool = False
+
+  def discover(self, theta, task: "Task"):
+    """The circuit mask of `task`'s support at parameters `theta`."""
+    scores = circuit.edge_scores(theta, task.episode, task.config, self.group_size,
+                                 self.node_weighted)
+    return circuit.circuit_mask(theta, scores, task.config,
+                                sparsity.kept_count(theta, self.density), self.group_size)
+
+  def init_state(self, task: "Task"):
+    return self.discover(task.theta, task)
+
+  def mask(self, state):
+    return state
+
+  def observe(self, state, task: "Task", trainable, grads, step):
+    del grads
+    return jax.lax.cond((step + 1) % self.every == 0,
+                        lambda: self.discover(_masked(task.theta, state, trainable), task),
+                        lambda: state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +239,8 @@ ADAPTERS = {"full": Full(), "lora": LoRA(), "sparse": Sparse(),
             "random": Strategic(strategy=sparsity.Random(STRATEGY_DENSITY)),
             "map": Strategic(strategy=sparsity.MAP(STRATEGY_DENSITY, **STRATEGY_SCHEDULE)),
             "influence": Strategic(strategy=sparsity.Influence(STRATEGY_DENSITY,
-                                                               **STRATEGY_SCHEDULE))}
+                                                               **STRATEGY_SCHEDULE)),
+            "circuit": Circuit(density=STRATEGY_DENSITY)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,10 +294,11 @@ def adapt(adapter, theta, selected, episode, key, lr, config: vit.ViTConfig,
     loss, grads = jax.value_and_grad(support_loss)(trainable, state, key)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     new = optax.apply_updates(trainable, adapter.restrict(updates, state))
-    return (new, opt_state, adapter.observe(state, trainable, grads, index)), loss
+    return (new, opt_state, adapter.observe(state, task, trainable, grads, index)), loss
 
   trainable = adapter.init(theta, k_init)
-  carry = (trainable, optimizer.init(trainable), adapter.init_state(theta, selected))
+  task = Task(theta, episode, config, selected)
+  carry = (trainable, optimizer.init(trainable), adapter.init_state(task))
   (trainable, _, state), losses = jax.lax.scan(
       step, carry, (jnp.arange(ft.steps), jax.random.split(k_steps, ft.steps)))
   return trainable, state, losses

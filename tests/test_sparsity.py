@@ -188,11 +188,17 @@ def make_episode(seed: int) -> ep.Episode:
       query_mask=np.ones(6, bool), class_mask=np.ones(3, bool), domain=np.asarray(0, np.int32))
 
 
-@pytest.mark.parametrize("name", ["random", "map", "influence"])
+def _adapter(name: str):
+  if name == "circuit":
+    return finetune.Circuit(density=0.2, every=2, group_size=8)
+  fields = {"random": {}, "map": {"start": 1, "end": 4, "every": 1},
+            "influence": {"start": 1, "end": 4, "window": 1}}[name]
+  return finetune.Strategic(strategy=sparsity.make(name, density=0.2, **fields))
+
+
+@pytest.mark.parametrize("name", ["random", "map", "influence", "circuit"])
 def test_strategic_finetuning_moves_only_what_the_final_mask_keeps(name):
-  adapter = finetune.Strategic(strategy=sparsity.make(
-      name, density=0.2, **({} if name == "random" else {"start": 1, "end": 4}),
-      **({"window": 1} if name == "influence" else {"every": 1} if name == "map" else {})))
+  adapter = _adapter(name)
   theta = vit.init(CFG, jax.random.key(0))
   episode = make_episode(1)
 
@@ -201,7 +207,7 @@ def test_strategic_finetuning_moves_only_what_the_final_mask_keeps(name):
   def run(theta, episode):
     delta, state, losses = finetune.adapt(adapter, theta, None, episode, jax.random.key(2),
                                           1e-2, CFG, FT)
-    mask = adapter.strategy.mask(state)
+    mask = adapter.mask(state)
     images = vit.preprocess(episode.query_images, CFG)
     f = adapter.features(theta, delta, state, images, None, CFG)
     masked = jax.tree.map(lambda p, m, d: p + m * d, theta, mask, delta)
@@ -214,6 +220,14 @@ def test_strategic_finetuning_moves_only_what_the_final_mask_keeps(name):
   assert nonzero(delta) > 0 and np.all(np.isfinite(losses))
   if name == "random":  # the mask never changes, so nothing outside it ever moved
     assert all(not np.any(d[m == 0]) for d, m in zip(leaves(delta), leaves(mask)))
+  if name == "circuit":  # only attention and MLP weight slices; rediscovered after step 2
+    trainable = {"blocks/attn/query/kernel", "blocks/attn/query/bias", "blocks/attn/key/kernel",
+                 "blocks/attn/key/bias", "blocks/attn/value/kernel", "blocks/attn/value/bias",
+                 "blocks/attn/proj/kernel", "blocks/fc1/kernel", "blocks/fc1/bias",
+                 "blocks/fc2/kernel"}
+    for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
+      name_ = "/".join(str(getattr(k, "key", k)) for k in path)
+      assert name_ in trainable or not np.any(m), name_
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,3 +354,84 @@ def test_budget_fitness_is_the_accuracy_of_the_budgeted_delta():
   expected = 100 * float(np.mean(fewshot.batch_accuracy(
       jax.tree.map(lambda p, m, d: p + m * d, theta, mask, delta), batches[0], CFG)))
   assert budgeted.budget_fitness(theta, delta, CFG, batches, 0.1)(rates) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Circuit-tuning: edge attribution patching.
+
+from smat.sparsity import circuit  # noqa: E402
+
+TWO_BLOCKS = vit.ViTConfig(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32,
+                           image_size=8)
+GROUP = 8  # 4 MLP groups per block
+
+
+@functools.cache
+def _circuit_setup():
+  params = vit.init(TWO_BLOCKS, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  labels = np.repeat(np.arange(3, dtype=np.int32), 2)
+  episode = ep.Episode(images, labels, np.ones(6, bool), images, labels, np.ones(6, bool),
+                       np.ones(3, bool), np.asarray(0, np.int32))
+  return params, episode
+
+
+def test_node_forward_is_the_backbone_with_its_writes_split_by_node():
+  params, episode = _circuit_setup()
+  x = vit.preprocess(jnp.asarray(episode.support_images), TWO_BLOCKS)
+  inputs = circuit.zero_inputs(TWO_BLOCKS, 6, 5, GROUP)
+  features, outputs = circuit.node_forward(params, x, TWO_BLOCKS, inputs, GROUP)
+  np.testing.assert_allclose(features, vit.forward(params, x, TWO_BLOCKS), atol=1e-5)
+  assert outputs["out"].shape == (2, 2, 6, 5, 16) and outputs["mlp"].shape == (2, 4, 6, 5, 16)
+
+
+def test_edge_score_is_the_first_order_change_of_mean_ablating_that_edge():
+  """Replacing u's write by its batch mean on v's input alone changes M by −⟨Δa_u, ∂M/∂in_v⟩
+  to first order; the score is that inner product averaged over images and tokens."""
+  params, episode = _circuit_setup()
+  scores = np.asarray(circuit.edge_scores(params, episode, TWO_BLOCKS, GROUP))
+  ups = circuit.upstream_nodes(TWO_BLOCKS, GROUP)
+  downs = circuit.downstream_nodes(TWO_BLOCKS, GROUP)
+  assert scores.shape == (len(ups), len(downs)) == (2 * 2 + 2 * 4, 3 * 2 * 2 + 2 * 4)
+  assert np.all(scores[~circuit.edge_exists(TWO_BLOCKS, GROUP)] == 0)
+  inputs = circuit.zero_inputs(TWO_BLOCKS, 6, 5, GROUP)
+  metric = jax.jit(lambda i: circuit.support_metric(params, episode, TWO_BLOCKS, i, GROUP))
+  base, outputs = metric(inputs)
+  for u, v in [np.unravel_index(i, scores.shape) for i in np.argsort(-scores, None)[:3]]:
+    kind_u, l_u, n_u = ups[u]
+    kind_v, l_v, n_v = downs[v]
+    write = outputs[kind_u][l_u, n_u]
+    ablation = -(write - write.mean(0, keepdims=True))  # in_v gets mean(a_u) instead of a_u
+    step = 1e-2
+    patched = {**inputs, kind_v: inputs[kind_v].at[l_v, n_v].set(step * ablation)}
+    change = (float(metric(patched)[0]) - float(base)) / step
+    assert abs(change) / (6 * 5) == pytest.approx(scores[u, v], rel=0.05)
+
+
+def test_node_weighting_and_the_circuit_mask_budget():
+  params, episode = _circuit_setup()
+  scores = np.asarray(circuit.edge_scores(params, episode, TWO_BLOCKS, GROUP))
+  weighted = np.asarray(circuit.edge_scores(params, episode, TWO_BLOCKS, GROUP,
+                                            node_weighted=True))
+  np.testing.assert_allclose(weighted, scores * scores.sum(1, keepdims=True)
+                             * scores.sum(0, keepdims=True), rtol=1e-5)
+  u, v = np.unravel_index(np.argmax(scores), scores.shape)
+  ups = circuit.upstream_nodes(TWO_BLOCKS, GROUP)
+  downs = circuit.downstream_nodes(TWO_BLOCKS, GROUP)
+  regions = (circuit.node_slices(ups[u], TWO_BLOCKS, GROUP)
+             + circuit.node_slices(downs[v], TWO_BLOCKS, GROUP))
+  named = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+                        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  size = sum(named(params)[name][index].size for name, index in regions)  # disjoint nodes
+  jitted = jax.jit(circuit.circuit_mask, static_argnums=(2, 3, 4))
+  for kept in (size, size + 37, 1000):
+    mask = named(circuit.circuit_mask(params, scores, TWO_BLOCKS, kept, GROUP))
+    for name, m in named(jitted(params, jnp.asarray(scores), TWO_BLOCKS, kept, GROUP)).items():
+      np.testing.assert_array_equal(m, mask[name])
+    assert sum(int(m.sum()) for m in mask.values()) == kept
+    if kept >= size:  # the top edge's endpoints are whole
+      assert all(np.all(mask[name][index] == 1) for name, index in regions)
+    assert all(np.all(mask[name] == 0) for name in mask if not name.startswith(
+        ("blocks/attn/query", "blocks/attn/key", "blocks/attn/value", "blocks/attn/proj/kernel",
+         "blocks/fc1", "blocks/fc2/kernel")))

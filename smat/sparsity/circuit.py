@@ -1,0 +1,212 @@
+"""Circuit-tuning (Li, Yuan & Wang, arXiv 2502.06106): edge attribution patching over attention
+heads and MLP neuron groups; the weight slices of the top edges' endpoints are what trains.
+
+Graph of a ViT with L blocks, H heads and G = mlp_dim / group_size MLP groups per block:
+  upstream nodes   head (l, h) writes o_h · W_proj[h rows] into the residual stream;
+                   MLP group (l, g) writes gelu(u)[g] · W_fc2[g rows]
+  downstream ends  the q, k and v inputs of every head and the input of every MLP group
+  edges            u → v whenever u writes before v reads (earlier block, or the same block's
+                   heads into its MLP), through the residual stream
+Edge score (attribution patching with mean ablation, Δa_u = a_u − batch mean of a_u):
+  s_uv = | mean over support images and tokens of ⟨Δa_u, ∂M/∂in_v⟩ |
+where in_v is a copy of the residual stream read by v alone and M is the support
+cross-entropy of the episode's ProtoNet classifier (prototypes from the same forward). It is the
+first-order change of M when the edge u → v alone is mean-ablated. Optional node-weighted
+rescoring: s'_uv = |s_uv| · Σ_j |s_uj| · Σ_i |s_iv|.
+Trainable slices of an endpoint: upstream head → its rows of attn/proj; downstream head →
+its columns (and bias) of query, key or value; MLP group → its fc1 columns and bias and fc2
+rows. Edges are added in score order until the unfrozen parameter count reaches the budget
+exactly (the last slice is cut to fit). Everything else — embeddings, LayerNorms, output
+biases — stays frozen. Scores are gradient-and-activation based, so they are defined at δ = 0:
+no warm-up is needed; the circuit is rediscovered every K steps by whoever holds the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smat import protonet
+from smat.models import vit
+
+KINDS = ("q", "k", "v", "mlp")  # downstream ends; upstream kinds are "out" (heads) and "mlp"
+
+
+def num_groups(config: vit.ViTConfig, group_size: int) -> int:
+  if config.mlp_dim % group_size:
+    raise ValueError(f"mlp_dim {config.mlp_dim} is not a multiple of group_size {group_size}")
+  return config.mlp_dim // group_size
+
+
+def zero_inputs(config: vit.ViTConfig, batch: int, tokens: int, group_size: int) -> dict:
+  """Per-node additive perturbations of the residual stream each node reads: {q, k, v: [L, H,
+  B, T, D], mlp: [L, G, B, T, D]} of zeros (their gradients are ∂M/∂in_v)."""
+  shape = lambda n: (config.depth, n, batch, tokens, config.width)
+  heads = {k: jnp.zeros(shape(config.num_heads)) for k in ("q", "k", "v")}
+  return {**heads, "mlp": jnp.zeros(shape(num_groups(config, group_size)))}
+
+
+def _layer_norm(x, p, eps):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _embed(params, images, config):
+  x = jax.lax.conv_general_dilated(images, params["patch_embed"]["kernel"],
+                                   (config.patch_size,) * 2, "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = x + params["patch_embed"]["bias"]
+  batch, grid_h, grid_w, width = x.shape
+  x = x.reshape(batch, grid_h * grid_w, width)
+  cls = jnp.broadcast_to(params["cls_token"], (batch, 1, width))
+  return jnp.concatenate([cls, x], 1) + vit.resample_pos_embed(params["pos_embed"], grid_h,
+                                                               grid_w)
+
+
+def node_forward(params, images, config: vit.ViTConfig, inputs: dict, group_size: int):
+  """(CLS features [B, D], node outputs {out: [L, H, B, T, D], mlp: [L, G, B, T, D]}) of
+  `vit.forward` (float32), with `inputs[kind][l, n]` added to the stream node n reads."""
+  heads, width, eps = config.num_heads, config.width, config.layer_norm_eps
+  dh, groups = width // heads, num_groups(config, group_size)
+  x = _embed(params, images, config)
+  outs, mlps = [], []
+  for l in range(config.depth):
+    p = jax.tree.map(lambda a: a[l], params["blocks"])
+    read = lambda kind: _layer_norm(x[None] + inputs[kind][l], p["norm1"], eps)  # [H, B, T, D]
+
+    def project(kind, name):
+      w = p["attn"][name]["kernel"].reshape(width, heads, dh)
+      return (jnp.einsum("hbtd,dhe->hbte", read(kind), w)
+              + p["attn"][name]["bias"].reshape(heads, 1, 1, dh))
+
+    q, k, v = project("q", "query"), project("k", "key"), project("v", "value")
+    weights = jax.nn.softmax(jnp.einsum("hbqe,hbke->hbqk", q, k) / math.sqrt(dh), axis=-1)
+    o = jnp.einsum("hbqk,hbke->hbqe", weights, v)
+    out = jnp.einsum("hbqe,hed->hbqd", o, p["attn"]["proj"]["kernel"].reshape(heads, dh, width))
+    x = x + out.sum(0) + p["attn"]["proj"]["bias"]
+    y = _layer_norm(x[None] + inputs["mlp"][l], p["norm2"], eps)  # [G, B, T, D]
+    w1 = p["fc1"]["kernel"].reshape(width, groups, group_size)
+    u = jnp.einsum("gbtd,dgs->gbts", y, w1) + p["fc1"]["bias"].reshape(groups, 1, 1, group_size)
+    w2 = p["fc2"]["kernel"].reshape(groups, group_size, width)
+    mlp = jnp.einsum("gbts,gsd->gbtd", jax.nn.gelu(u, approximate=False), w2)
+    x = x + mlp.sum(0) + p["fc2"]["bias"]
+    outs.append(out)
+    mlps.append(mlp)
+  x = _layer_norm(x, params["norm"], eps)
+  return x[:, 0], {"out": jnp.stack(outs), "mlp": jnp.stack(mlps)}
+
+
+def support_metric(params, episode, config: vit.ViTConfig, inputs: dict, group_size: int,
+                   cosine_scale: float = protonet.COSINE_SCALE):
+  """(M = support cross-entropy of the episode's ProtoNet classifier, node outputs)."""
+  images = vit.preprocess(episode.support_images, config)
+  f, outputs = node_forward(params, images, config, inputs, group_size)
+  protos = protonet.prototypes(f, episode.support_labels, episode.support_mask,
+                               episode.class_mask.shape[-1])
+  logits = protonet.cosine_logits(f, protos, episode.class_mask, cosine_scale)
+  return protonet.cross_entropy(logits, episode.support_labels, episode.support_mask), outputs
+
+
+def edge_scores(params, episode, config: vit.ViTConfig, group_size: int = 64,
+                node_weighted: bool = False) -> jax.Array:
+  """[U, V] edge scores; upstream order (out: l, h), then (mlp: l, g); downstream order q, k, v
+  (l, h each), then mlp (l, g). Edges that do not exist (v reads before u writes) score 0."""
+  batch, tokens = episode.support_images.shape[0], config.grid ** 2 + 1
+  inputs = zero_inputs(config, batch, tokens, group_size)
+  grads, outputs = jax.grad(
+      lambda i: support_metric(params, episode, config, i, group_size), has_aux=True)(inputs)
+  weight = episode.support_mask.astype(jnp.float32)[:, None, None]  # padded images excluded
+  count = jnp.maximum(weight.sum(), 1.0)
+  upstream = jnp.concatenate([outputs[k].reshape(-1, batch, tokens, config.width)
+                              for k in ("out", "mlp")])
+  ablated = upstream - (upstream * weight).sum(1, keepdims=True) / count
+  downstream = jnp.concatenate([grads[k].reshape(-1, batch, tokens, config.width)
+                                for k in KINDS])
+  scores = jnp.abs(jnp.einsum("ubtd,vbtd->uv", ablated * weight, downstream)) / (count * tokens)
+  scores = scores * jnp.asarray(edge_exists(config, group_size), scores.dtype)
+  if node_weighted:
+    scores = scores * scores.sum(1, keepdims=True) * scores.sum(0, keepdims=True)
+  return scores
+
+
+def upstream_nodes(config, group_size):
+  return ([("out", l, h) for l in range(config.depth) for h in range(config.num_heads)]
+          + [("mlp", l, g) for l in range(config.depth)
+             for g in range(num_groups(config, group_size))])
+
+
+def downstream_nodes(config, group_size):
+  heads = [(kind, l, h) for kind in ("q", "k", "v") for l in range(config.depth)
+           for h in range(config.num_heads)]
+  return heads + [("mlp", l, g) for l in range(config.depth)
+                  for g in range(num_groups(config, group_size))]
+
+
+def edge_exists(config, group_size) -> np.ndarray:
+  """[U, V] bool: u writes into the stream before v reads it."""
+  ups, downs = upstream_nodes(config, group_size), downstream_nodes(config, group_size)
+  before = lambda u, v: u[1] < v[1] or (u[1] == v[1] and u[0] == "out" and v[0] == "mlp")
+  return np.asarray([[before(u, v) for v in downs] for u in ups])
+
+
+def node_slices(node, config, group_size) -> list[tuple[str, tuple]]:
+  """(leaf path, index) regions of the parameters a node's edge makes trainable."""
+  kind, l, n = node
+  dh = config.width // config.num_heads
+  heads = slice(n * dh, (n + 1) * dh)
+  group = slice(n * group_size, (n + 1) * group_size)
+  if kind == "out":
+    return [("blocks/attn/proj/kernel", (l, heads, slice(None)))]
+  if kind in ("q", "k", "v"):
+    name = {"q": "query", "k": "key", "v": "value"}[kind]
+    return [(f"blocks/attn/{name}/kernel", (l, slice(None), heads)),
+            (f"blocks/attn/{name}/bias", (l, heads))]
+  return [("blocks/fc1/kernel", (l, slice(None), group)), ("blocks/fc1/bias", (l, group)),
+          ("blocks/fc2/kernel", (l, group, slice(None)))]
+
+
+def _node_layout(params, config, group_size):
+  """Static arrays for `circuit_mask`: per leaf, the node id of every entry (−1: none) and
+  its position inside that node's region in flat order; the node keys; the node sizes."""
+  from smat.meta import experts
+
+  keys = list(dict.fromkeys(upstream_nodes(config, group_size)
+                            + downstream_nodes(config, group_size)))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [experts.path_name(path) for path, _ in flat]
+  node = {n: np.full(p.shape, -1, np.int32) for n, (_, p) in zip(names, flat)}
+  position = {n: np.zeros(p.shape, np.int32) for n, (_, p) in zip(names, flat)}
+  sizes = np.zeros(len(keys), np.int64)
+  for i, key in enumerate(keys):
+    for name, index in node_slices(key, config, group_size):
+      shape = node[name][index].shape
+      node[name][index] = i
+      position[name][index] = sizes[i] + np.arange(int(np.prod(shape))).reshape(shape)
+      sizes[i] += int(np.prod(shape))
+  return names, node, position, keys, sizes
+
+
+def circuit_mask(params, scores, config: vit.ViTConfig, kept: int, group_size: int = 64):
+  """Float {0, 1} tree like `params`: edges taken in descending score order, each unfreezing
+  its endpoints' slices, until exactly `kept` entries are trainable (the last node's region is
+  cut in flat order to fit). Jittable: `scores` may be traced."""
+  names, node, position, keys, sizes = _node_layout(params, config, group_size)
+  index = {key: i for i, key in enumerate(keys)}
+  ups = np.asarray([index[u] for u in upstream_nodes(config, group_size)])
+  downs = np.asarray([index[v] for v in downstream_nodes(config, group_size)])
+  rank = jnp.empty(scores.size, jnp.int32).at[jnp.argsort(-scores, axis=None, stable=True)].set(
+      jnp.arange(scores.size, dtype=jnp.int32)).reshape(scores.shape)
+  first = jnp.full(len(keys), scores.size, jnp.int32)  # the first edge reaching each node
+  first = first.at[ups].min(rank.min(1)).at[downs].min(rank.min(0))
+  order = jnp.argsort(first, stable=True)
+  cumulative = jnp.cumsum(jnp.asarray(sizes)[order])
+  taken_sorted = jnp.clip(kept - (cumulative - jnp.asarray(sizes)[order]), 0,
+                          jnp.asarray(sizes)[order])
+  taken = jnp.zeros(len(keys), taken_sorted.dtype).at[order].set(taken_sorted)
+  leaves = [jnp.where(node[n] >= 0, position[n] < taken[np.maximum(node[n], 0)], False)
+            .astype(jnp.float32) for n in names]
+  return jax.tree.unflatten(jax.tree.structure(params), leaves)
