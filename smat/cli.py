@@ -13,7 +13,7 @@
                                        few-shot accuracy of a run (or --method pre), zero-shot
                                        or fine-tuned on each support: full, lora, sparse (SMAT's
                                        mask) or a sparsity strategy (random, map, influence,
-                                       circuit)
+                                       selfpruner, circuit)
   smat plot --workdir D --out DIR      mask density per block/type/expert, expert choice map
   smat import-backbone --format timm|hf --weights F.safetensors --arch vit_s16|vit_b16 --out D
                                        DINO weights → a backbone directory
@@ -37,7 +37,8 @@ import sys
 from smat.errors import SmatError
 
 # `smat.finetune.ADAPTERS` and zero-shot (spelt out: building the parser must not import jax).
-ADAPT_MODES = ("zero-shot", "full", "lora", "sparse", "random", "map", "influence", "circuit")
+ADAPT_MODES = ("zero-shot", "full", "lora", "sparse", "random", "map", "influence", "selfpruner",
+               "circuit")
 
 
 def _distributed_arg(parser: argparse.ArgumentParser) -> None:
@@ -407,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "value, lr ×10), sparse (only the entries of SMAT's merged mask), or a δ "
                        "at density 0.1 masked by a sparsity strategy: random, map (magnitude "
                        "attention) or influence (PLATON), which warm up densely for 10 steps and "
-                       "prune cubically until step 40, or circuit (the support's circuit by edge "
+                       "prune cubically until step 40, selfpruner (even per-block budgets of "
+                       "|δ| at step 10), or circuit (the support's circuit by edge "
                        "attribution patching, rediscovered every 8 steps)")
   ev.add_argument("--episodes", type=int, default=600,
                   help="reported episodes per domain, after the --lr-search-episodes reserved "

@@ -14,9 +14,10 @@ optimizer, restrict, observe); the backbone knows nothing of them:
   lora      rank-8 factors on the query and value projections (α 32, dropout 0.1), lr × 10; the
             backbone's Dense calls are intercepted, so LoRA at initialisation (B = 0) *is* θ_task
   sparse    the entries the task's merged SMAT mask m leaves non-zero (the rest stay fixed)
-  random, map, influence
+  random, map, influence, selfpruner
             a δ over θ_task masked by a `smat.sparsity` strategy at density 0.1, the strategy
-            updated from (δ, ∂L/∂δ, step) after every step (`Strategic`)
+            updated from (δ, ∂L/∂δ, step) after every step (`Strategic`; Self-Pruner with even
+            per-block budgets: its search needs validation episodes a support set does not give)
   circuit   a δ on the weight slices of the support's circuit (edge attribution patching),
             rediscovered every 8 steps (`Circuit`)
 An adapter's *state* (the selected entries, a strategy's scores) is carried through the steps
@@ -240,6 +241,8 @@ ADAPTERS = {"full": Full(), "lora": LoRA(), "sparse": Sparse(),
             "map": Strategic(strategy=sparsity.MAP(STRATEGY_DENSITY, **STRATEGY_SCHEDULE)),
             "influence": Strategic(strategy=sparsity.Influence(STRATEGY_DENSITY,
                                                                **STRATEGY_SCHEDULE)),
+            "selfpruner": Strategic(strategy=sparsity.SelfPruner(
+                STRATEGY_DENSITY, start=STRATEGY_SCHEDULE["start"])),
             "circuit": Circuit(density=STRATEGY_DENSITY)}
 
 

@@ -192,11 +192,11 @@ def _adapter(name: str):
   if name == "circuit":
     return finetune.Circuit(density=0.2, every=2, group_size=8)
   fields = {"random": {}, "map": {"start": 1, "end": 4, "every": 1},
-            "influence": {"start": 1, "end": 4, "window": 1}}[name]
+            "influence": {"start": 1, "end": 4, "window": 1}, "selfpruner": {"start": 2}}[name]
   return finetune.Strategic(strategy=sparsity.make(name, density=0.2, **fields))
 
 
-@pytest.mark.parametrize("name", ["random", "map", "influence", "circuit"])
+@pytest.mark.parametrize("name", ["random", "map", "influence", "selfpruner", "circuit"])
 def test_strategic_finetuning_moves_only_what_the_final_mask_keeps(name):
   adapter = _adapter(name)
   theta = vit.init(CFG, jax.random.key(0))
