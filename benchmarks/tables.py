@@ -30,9 +30,14 @@ from smat.data.sources import glyphs
 from smat.models import checkpoint
 
 METHODS = ("pre", "pmf", "softmerge", "smat")
-MODES = ("zero-shot", "full", "lora")  # "sparse" (SMAT only) may be added with --modes
+# --modes may add "sparse" (SMAT only) and the sparsity strategies (stand-alone sparse
+# fine-tuning at density 0.1): random, map, influence, selfpruner, circuit.
+MODES = ("zero-shot", "full", "lora")
 LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
-MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " +sparse"}
+MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " +sparse",
+               # stand-alone sparse fine-tuning by a sparsity strategy (smat.finetune.ADAPTERS)
+               "random": " +random", "map": " +MAP", "influence": " +influence",
+               "selfpruner": " +Self-Pruner", "circuit": " +circuit"}
 
 
 def row_specs(rows: str, data_dir: str | None) -> tuple[list[str], list[str]]:

@@ -94,3 +94,9 @@ def test_strategies_benchmark_trains_each_strategy_once_and_resumes(monkeypatch,
   assert (tmp_path / "out_density.png").stat().st_size > 0
   assert strategies.main(args) == 0 and len(trained) == 3 and len(searched) == 1  # resumed
   assert json.load(open(out + ".json"))["density"]["random τ=0.9"] == {"fc1": 0.1}
+
+
+def test_every_adapter_has_a_column_label():
+  from smat import finetune
+
+  assert set(tables.MODE_LABELS) == {"zero-shot", *finetune.ADAPTERS}
