@@ -51,13 +51,8 @@ def measured_sparsity(workdir: str) -> float | None:
   return last
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/smat_glyphs.py")
-  parser.add_argument("--taus", default="0,0.5,0.8,0.9,0.95,0.99")
-  parser.add_argument("--experts", default="4,8,16")
-  parser.add_argument("--points", default=None, metavar="TAU:M,...",
-                      help="an explicit list of points instead of the --taus × --experts grid")
+def add_evaluation_args(parser) -> None:
+  """The zero-shot evaluation every point gets: ID and OOD specs, episodes, shape, seed."""
   parser.add_argument("--id", default="glyphs:id", metavar="SPEC,...")
   parser.add_argument("--ood", default="glyphs:ood,fashion_mnist", metavar="SPEC,...")
   parser.add_argument("--episodes", type=int, default=600)
@@ -65,6 +60,16 @@ def main(argv=None) -> int:
   parser.add_argument("--shots", type=int, default=5)
   parser.add_argument("--queries", type=int, default=15)
   parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/smat_glyphs.py")
+  parser.add_argument("--taus", default="0,0.5,0.8,0.9,0.95,0.99")
+  parser.add_argument("--experts", default="4,8,16")
+  parser.add_argument("--points", default=None, metavar="TAU:M,...",
+                      help="an explicit list of points instead of the --taus × --experts grid")
+  add_evaluation_args(parser)
   parser.add_argument("--workdir", default="runs/sweep")
   parser.add_argument("--out", required=True)
   parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every run")
