@@ -29,8 +29,6 @@ import numpy as np
 from benchmarks import sweep, tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
-from smat.data import spec as spec_lib
-from smat.data.samplers import FixedSampler
 from smat.meta import experts
 from smat.sparsity import budgeted, evolution
 
@@ -71,9 +69,7 @@ def main(argv=None) -> int:
   overrides = args.overrides + extra
 
   start = time.time()
-  id_specs, ood_specs = args.id.split(","), args.ood.split(",")
-  groups = {s: spec_lib.load_domains(s, seed=args.seed) for s in id_specs + ood_specs}
-  sampler = FixedSampler(args.ways, args.shots, args.queries)
+  id_specs, ood_specs, groups, sampler = sweep.evaluation_setup(args)
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {}
   cells, searches = saved.get("cells", {}), saved.get("searches", {})
@@ -123,8 +119,8 @@ def main(argv=None) -> int:
       sweep.train_point(args.config, overrides + extra_overrides, workdir, tau,
                         config_lib.load(args.config, overrides).experts.num_experts)
       run = metatrain.load_run(workdir)
-      size = config_lib.from_json(os.path.join(workdir, "config.json")).data.image_size
-      results = evaluate.evaluate_domains(run, groups, sampler, size, args.episodes, args.seed)
+      results = evaluate.evaluate_domains(run, groups, sampler, tables.run_image_size(workdir),
+                                          args.episodes, args.seed)
       cells[name] = results
       densities[name] = plots.density_summary(plots.meta_test_density(run),
                                               run.theta_pre)["by_type"]

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from benchmarks import tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
 from smat.data import spec as spec_lib
@@ -62,6 +63,13 @@ def add_evaluation_args(parser) -> None:
   parser.add_argument("--seed", type=int, default=0)
 
 
+def evaluation_setup(args):
+  """(ID specs, OOD specs, {spec: domains}, sampler) of `add_evaluation_args`'s flags."""
+  id_specs, ood_specs = args.id.split(","), args.ood.split(",")
+  groups = {s: spec_lib.load_domains(s, seed=args.seed) for s in id_specs + ood_specs}
+  return id_specs, ood_specs, groups, FixedSampler(args.ways, args.shots, args.queries)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/smat_glyphs.py")
@@ -81,9 +89,7 @@ def main(argv=None) -> int:
     grid = [(float(t), int(m)) for t, m in (p.split(":") for p in args.points.split(","))]
   else:
     grid = [(float(t), int(m)) for m in args.experts.split(",") for t in args.taus.split(",")]
-  id_specs, ood_specs = args.id.split(","), args.ood.split(",")
-  groups = {s: spec_lib.load_domains(s, seed=args.seed) for s in id_specs + ood_specs}
-  sampler = FixedSampler(args.ways, args.shots, args.queries)
+  id_specs, ood_specs, groups, sampler = evaluation_setup(args)
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {}
   points, elapsed = saved.get("points", []), saved.get("seconds", 0.0)
@@ -97,9 +103,7 @@ def main(argv=None) -> int:
     summary = train_point(args.config, overrides, workdir, tau, experts)
     train_s = time.time() - t0
     run = metatrain.load_run(workdir)
-    results = evaluate.evaluate_domains(run, groups, sampler,
-                                        config_lib.from_json(os.path.join(
-                                            workdir, "config.json")).data.image_size,
+    results = evaluate.evaluate_domains(run, groups, sampler, tables.run_image_size(workdir),
                                         args.episodes, args.seed)
     mean = lambda specs, key: float(np.mean([results[s][key] for s in specs]))
     points.append({"tau": tau, "experts": experts, "workdir": workdir,

@@ -209,24 +209,21 @@ def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image
   import os
 
   os.makedirs(out_dir, exist_ok=True)
-  written, summary = [], {}
+  figures = []  # (name, density [M, L] per type, label)
   if "masks" in run.params:  # a mask strategy: its (fixed) masks are what meta-test uses
-    density = meta_test_density(run)
-    plot_density(density, os.path.join(out_dir, "mask_density.png"),
-                 f"density of the {run.hp.mask_strategy.__class__.__name__} masks")
-    summary["mask_density"] = density_summary(density, run.theta_pre)
-    written.append("mask_density.png")
-    with open(os.path.join(out_dir, "mask_density.json"), "w") as f:
-      json.dump(summary, f, indent=1)
-    written.append("mask_density.json")
+    figures.append(("mask_density", meta_test_density(run),
+                    f"density of the {run.hp.mask_strategy.__class__.__name__} masks"))
   elif run.hp.method == "smat":
-    for name, expected, label in (
-        ("mask_density", False, "density of the deterministic (meta-test) mask"),
-        ("mask_density_expected", True, "expected density of a training sample")):
-      density = density_by_layer(run.params["gates"], run.theta_pre, expected)
-      plot_density(density, os.path.join(out_dir, f"{name}.png"), label)
-      summary[name] = density_summary(density, run.theta_pre)
-      written.append(f"{name}.png")
+    figures += [(name, density_by_layer(run.params["gates"], run.theta_pre, expected), label)
+                for name, expected, label in (
+                    ("mask_density", False, "density of the deterministic (meta-test) mask"),
+                    ("mask_density_expected", True, "expected density of a training sample"))]
+  written, summary = [], {}
+  for name, density, label in figures:
+    plot_density(density, os.path.join(out_dir, f"{name}.png"), label)
+    summary[name] = density_summary(density, run.theta_pre)
+    written.append(f"{name}.png")
+  if figures:
     with open(os.path.join(out_dir, "mask_density.json"), "w") as f:
       json.dump(summary, f, indent=1)
     written.append("mask_density.json")

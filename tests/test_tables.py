@@ -66,7 +66,7 @@ def test_strategies_benchmark_trains_each_strategy_once_and_resumes(monkeypatch,
       workdir=workdir, theta_pre=None))
   monkeypatch.setattr(strategies.config_lib, "from_json", lambda path: types.SimpleNamespace(
       data=types.SimpleNamespace(image_size=8)))
-  monkeypatch.setattr(strategies.spec_lib, "load_domains", lambda spec, seed: [spec])
+  monkeypatch.setattr(strategies.sweep.spec_lib, "load_domains", lambda spec, seed: [spec])
   score = {"learned": 80.0, "random": 70.0, "selfpruner": 75.0}
 
   def evaluate_domains(run, groups, sampler, size, episodes, seed):

@@ -92,8 +92,3 @@ def eligible_ones(params, exclude: tuple[str, ...] = ()):
       jnp.full(p.shape, float(e), jnp.float32)
       for p, e in zip(jax.tree.leaves(params), eligible(params, exclude))])
 
-
-def density(mask) -> jax.Array:
-  """Fraction of non-zero mask entries over all entries."""
-  leaves = jax.tree.leaves(mask)
-  return sum((m != 0).sum() for m in leaves) / sum(m.size for m in leaves)
