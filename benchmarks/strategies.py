@@ -1,8 +1,9 @@
 """Learned vs hand-designed masks at matched sparsity: SMAT's gates against random, MAP,
-influence (PLATON) and Self-Pruner-budgeted masks, in the same trainer on the same episodes.
+influence (PLATON), circuit and Self-Pruner-budgeted masks, in the same trainer on the same
+episodes.
 
   python -m benchmarks.strategies --taus 0.9,0.95 \\
-      --strategies learned,random,map,influence,selfpruner --pmf runs/bench/pmf \\
+      --strategies learned,random,map,influence,circuit,selfpruner --pmf runs/bench/pmf \\
       --episodes 200 --out benchmarks/results/strategies_glyphs
 
 For each τ and strategy: `smat meta-train` of the config with experts.target_sparsity = τ and
@@ -33,7 +34,7 @@ from smat.meta import experts
 from smat.sparsity import budgeted, evolution
 
 LABELS = {"learned": "SMAT (learned)", "random": "random", "map": "MAP",
-          "influence": "influence", "selfpruner": "Self-Pruner"}
+          "influence": "influence", "circuit": "circuit", "selfpruner": "Self-Pruner"}
 
 
 def search_rates(config, pmf_workdir: str, tau: float, search: evolution.SearchConfig,

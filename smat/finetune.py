@@ -42,7 +42,6 @@ import numpy as np
 import optax
 
 from smat import fewshot, protonet, sparsity
-from smat.sparsity import circuit
 from smat.data import augment
 from smat.data import episodes as ep
 from smat.errors import SmatError
@@ -157,30 +156,21 @@ def _masked(theta, mask, delta):
 @dataclasses.dataclass(frozen=True)
 class Circuit(Strategic):
   """Circuit-tuning: δ restricted to the weight slices of the episode's circuit, found by edge
-  attribution patching on the support (`smat.sparsity.circuit`) at θ_task and rediscovered at
-  θ_task + m ⊙ δ after every `every` steps; exactly `density` of the entries are trainable."""
-
-  density: float = 0.1
-  every: int = 8  # K
-  group_size: int = 64  # MLP hidden units per node
-  node_weighted: bool = False
+  attribution patching on the support (`smat.sparsity.circuit.Circuit`) at θ_task and
+  rediscovered at θ_task + m ⊙ δ after every `strategy.every` steps; exactly the strategy's
+  density of the entries are trainable."""
 
   def discover(self, theta, task: "Task"):
     """The circuit mask of `task`'s support at parameters `theta`."""
-    scores = circuit.edge_scores(theta, task.episode, task.config, self.group_size,
-                                 self.node_weighted)
-    return circuit.circuit_mask(theta, scores, task.config,
-                                sparsity.kept_count(theta, self.density), self.group_size)
+    scores = self.strategy.scores(theta, task.episode, task.config)
+    return self.strategy.rediscover(theta, scores, task.config)
 
   def init_state(self, task: "Task"):
     return self.discover(task.theta, task)
 
-  def mask(self, state):
-    return state
-
   def observe(self, state, task: "Task", trainable, grads, step):
     del grads
-    return jax.lax.cond((step + 1) % self.every == 0,
+    return jax.lax.cond((step + 1) % self.strategy.every == 0,
                         lambda: self.discover(_masked(task.theta, state, trainable), task),
                         lambda: state)
 
@@ -243,7 +233,7 @@ ADAPTERS = {"full": Full(), "lora": LoRA(), "sparse": Sparse(),
                                                                **STRATEGY_SCHEDULE)),
             "selfpruner": Strategic(strategy=sparsity.SelfPruner(
                 STRATEGY_DENSITY, start=STRATEGY_SCHEDULE["start"])),
-            "circuit": Circuit(density=STRATEGY_DENSITY)}
+            "circuit": Circuit(strategy=sparsity.Circuit(STRATEGY_DENSITY))}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,8 @@ def mask_strategy(config):
     fields["rates"] = tuple(float(r) for r in sp.rates.split(","))
   if e.masks == "map":
     fields.update(every=sp.every, normalize=sp.normalize)
+  if e.masks == "circuit":
+    fields.update(every=sp.every, group_size=sp.group_size, node_weighted=sp.node_weighted)
   if e.masks == "influence":
     fields.update(window=sp.window, beta1=sp.beta1, beta2=sp.beta2)
   if e.structured:

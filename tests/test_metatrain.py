@@ -412,14 +412,16 @@ def test_cli_meta_train(base, tmp_path, capsys):
   assert not (tmp_path / "typo").exists()
 
 
-@pytest.mark.parametrize("masks", ["influence", "random"])
+@pytest.mark.parametrize("masks", ["influence", "random", "circuit"])
 def test_mask_strategy_runs_resume_exactly_and_keep_their_budget(base, tmp_path, masks):
   """Strategies in place of learned gates: masks are params the optimiser never moves, each
   expert meets the budget exactly once the schedule ends, and a resumed run is bit-identical
-  (the strategy's state is checkpointed)."""
+  (the strategy's state is checkpointed; circuits are rediscovered every 2 steps, so the cut
+  falls between two rediscoveries)."""
   config = config_lib.load("configs/smat_glyphs.py:smoke", [
       *base, f"--config.experts.masks={masks}", "--config.sparsity.start=0.25",
-      "--config.sparsity.end=0.75", "--config.sparsity.window=1", "--config.train.epochs=3"])
+      "--config.sparsity.end=0.75", "--config.sparsity.window=1", "--config.train.epochs=3",
+      "--config.sparsity.every=2", "--config.sparsity.group_size=8"])
   whole = metatrain.train_and_evaluate(config, str(tmp_path / "whole"), progress=False)
   assert whole["stopped_at"] == 6
   metatrain.train_and_evaluate(config, str(tmp_path / "cut"), stop_after=3, progress=False)

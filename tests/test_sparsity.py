@@ -190,7 +190,7 @@ def make_episode(seed: int) -> ep.Episode:
 
 def _adapter(name: str):
   if name == "circuit":
-    return finetune.Circuit(density=0.2, every=2, group_size=8)
+    return finetune.Circuit(strategy=sparsity.Circuit(density=0.2, every=2, group_size=8))
   fields = {"random": {}, "map": {"start": 1, "end": 4, "every": 1},
             "influence": {"start": 1, "end": 4, "window": 1}, "selfpruner": {"start": 2}}[name]
   return finetune.Strategic(strategy=sparsity.make(name, density=0.2, **fields))
@@ -268,6 +268,45 @@ def test_expert_gradient_shares_sum_to_the_delta_gradient_and_follow_alpha_and_m
     np.testing.assert_allclose(q[0][both] / alpha[0], q[1][both] / alpha[1], rtol=2e-4,
                                atol=1e-9)
   assert any(np.abs(q).max() > 0 for q in leaves(g_probe))
+
+
+def test_circuit_rediscovery_in_meta_training_weights_each_task_by_its_alpha():
+  """Expert k's circuit comes from Σ_t α_tk s_t / Σ_t α_tk, s_t the edge scores of task t at its
+  zero-shot θ_task (current masks), and meets the budget exactly."""
+  from smat.meta import router, step, tasks
+  from smat.sparsity import circuit
+
+  cfg = vit.ViTConfig(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, image_size=16)
+  strategy = sparsity.Circuit(density=0.2, every=2, group_size=8)
+  hp = tasks.Hyper(method="smat", vit=cfg, num_experts=2, mask_strategy=strategy)
+  batch = ep.stack([make_episode(4), make_episode(5)])
+  key = jax.random.key(6)
+  theta = vit.init(cfg, key)
+  params, router_state = step.init_params(key, theta, hp)
+  params["delta"] = jax.tree.map(lambda p: 0.05 * jnp.ones_like(p), params["delta"])
+  half = sparsity.Random(0.5)  # masks under which θ_task depends on α
+  params["masks"] = jax.vmap(lambda k: half.mask(half.init(params["delta"], k)))(
+      jax.random.split(key, 2))
+  got = jax.jit(step.rediscover, static_argnames="hp")(params, router_state, theta, batch, 1.0,
+                                                       hp=hp)
+
+  router_params = router.spectral_normalize(params["router"], router_state)
+  alphas, scores = [], []
+  for t in range(2):
+    episode = jax.tree.map(lambda x: x[t], batch)
+    theta_t, alpha, _ = tasks.zero_shot_task(params, theta, router_params, episode, hp, 1.0)
+    alphas.append(np.asarray(alpha))
+    scores.append(np.asarray(circuit.edge_scores(theta_t, episode, cfg, 8)))
+  alphas, scores = np.stack(alphas), np.stack(scores)
+  assert np.ptp(alphas[:, 0]) > 1e-4  # the two tasks are weighted differently
+  kept = common.kept_count(theta, 0.2)
+  for k in range(2):
+    weighted = np.tensordot(alphas[:, k], scores, axes=1) / alphas[:, k].sum()
+    want = circuit.circuit_mask(params["delta"], jnp.asarray(weighted), cfg, kept, 8)
+    mine = jax.tree.map(lambda m: m[k], got)
+    assert nonzero(mine) == kept
+    for a, b in zip(leaves(mine), leaves(want)):
+      np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------

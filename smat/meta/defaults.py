@@ -50,17 +50,20 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.experts.structured = False  # one gate per input column of each dense kernel
   c.experts.freeze_embeddings = False
   # The experts' masks: "learned" (SMAT's hard-concrete gates and Lagrangian), or a hand-designed
-  # strategy at the same budget τ (smat/sparsity): "random", "map", "influence", "selfpruner".
+  # strategy at the same budget τ (smat/sparsity): "random", "map", "influence", "selfpruner",
+  # "circuit".
   c.experts.masks = "learned"
 
   c.sparsity = ml_collections.ConfigDict()  # schedules of the mask strategies
   c.sparsity.start = 0.1  # fraction of the steps: dense warm-up of δ before it
   c.sparsity.end = 0.5  # fraction of the steps: budget reached, masks frozen from here
-  c.sparsity.every = 10  # map: steps between refreshes of the kept set (Δt)
+  c.sparsity.every = 10  # map: steps between refreshes of the kept set (Δt); circuit: K
   c.sparsity.normalize = "matrix"  # map: magnitude attention per tensor, or "global"
   c.sparsity.window = 10  # influence: steps averaged into one influence score (ΔT)
   c.sparsity.beta1 = 0.85  # influence: EMA of the importance
   c.sparsity.beta2 = 0.95  # influence: EMA of the uncertainty
+  c.sparsity.group_size = 64  # circuit: MLP hidden units per node of the circuit graph
+  c.sparsity.node_weighted = False  # circuit: node-weighted rescoring of the edge scores
   c.sparsity.rates = ""  # selfpruner: per-block densities "r1,...,rL,r_rest" (searched); "": uniform
 
   c.inner = ml_collections.ConfigDict()

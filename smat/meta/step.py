@@ -152,12 +152,17 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   router_state = (router.power_iteration(state.params["router"], state.router_state)
                   if state.router_state else state.router_state)
   strategy = hp.mask_strategy if hp.method == "smat" else None
-  probe = (None if strategy is None else
-           jax.tree.map(jnp.zeros_like, state.params["masks"]))
+  params, sparsity = state.params, state.sparsity
+  if hasattr(strategy, "rediscover"):  # scores from activations, before this step's loss
+    sparsity = jax.lax.cond(
+        state.step % strategy.every == 0,
+        lambda: rediscover(state.params, router_state, theta_pre, episodes, temp, hp),
+        lambda: state.sparsity)
+    params = {**params, "masks": expert_masks(strategy, sparsity)}
+  probe = None if strategy is None else jax.tree.map(jnp.zeros_like, params["masks"])
   (loss, (metrics, batch)), (grads, expert_grads) = jax.value_and_grad(
       _loss, argnums=(0, 1), has_aux=True)(
-          state.params, probe, router_state, theta_pre, episodes, keys, temp, hp)
-  params = state.params
+          params, probe, router_state, theta_pre, episodes, keys, temp, hp)
   if "lam" in params:  # reset λ of experts already sparser than τ, then step
     params = {**params, "lam": budget.reset(params["lam"], metrics["expert_sparsity"].mean(0),
                                             hp.target_sparsity)}
@@ -166,10 +171,9 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   if "gates" in new_params:  # projections: log_α into its range, λ ≥ 0
     new_params["gates"] = jax.tree.map(gates.clamp, new_params["gates"])
     new_params["lam"] = jnp.maximum(new_params["lam"], 0.0)
-  sparsity = state.sparsity
   if strategy is not None:  # each expert's strategy sees (δ, its share of ∂L/∂δ, step)
     sparsity = jax.vmap(strategy.update, (0, None, 0, None))(
-        state.sparsity, params["delta"], expert_grads, state.step)
+        sparsity, params["delta"], expert_grads, state.step)
     new_params["masks"] = expert_masks(strategy, sparsity)
   finite = _all_finite(loss, grads)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -187,6 +191,22 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   if "lam" in new_params:
     summary["lam"] = new_params["lam"]
   return new_state, summary
+
+
+def rediscover(params, router_state, theta_pre, episodes, temp, hp: tasks.Hyper):
+  """Each expert's next strategy state from the meta-batch's activations (circuit-tuning): the
+  edge scores of every task at its zero-shot θ_task (current masks, deterministic α), averaged
+  per expert with weights α_tk, so an expert's circuit is that of the tasks routed to it."""
+  strategy = hp.mask_strategy
+  router_params = router.spectral_normalize(params["router"], router_state)
+
+  def task_scores(episode):
+    theta, alpha, _ = tasks.zero_shot_task(params, theta_pre, router_params, episode, hp, temp)
+    return alpha, strategy.scores(theta, episode, hp.vit)
+
+  alpha, scores = jax.vmap(task_scores)(episodes)  # [T, M], [T, U, V]
+  per_expert = jnp.einsum("tm,tuv->muv", alpha, scores) / alpha.sum(0)[:, None, None]
+  return jax.vmap(strategy.rediscover, (None, 0, None))(params["delta"], per_expert, hp.vit)
 
 
 def zero_shot_batch(params, router_state, episodes, theta_pre, temp, *, hp: tasks.Hyper):

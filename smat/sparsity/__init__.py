@@ -5,6 +5,7 @@ learned gates (inside meta-training) and with sparse fine-tuning (at meta-test).
   map        magnitude attention, cubic schedule, explore → exploit     magnitude.py
   influence  PLATON: windowed |δ ⊙ g|, importance × uncertainty          influence.py
   selfpruner per-block budgets (searched by evolution.py), top |δ| inside  budgeted.py
+  circuit    edge attribution patching, endpoint slices of the top edges  circuit.py
 
 The shared contract (init / update / mask, exact budgets, the cubic schedule) is in common.py.
 """
@@ -12,12 +13,14 @@ The shared contract (init / update / mask, exact budgets, the cubic schedule) is
 from __future__ import annotations
 
 from smat.sparsity.budgeted import SelfPruner
+from smat.sparsity.circuit import Circuit
 from smat.sparsity.common import cubic, kept_count, top_k_mask
 from smat.sparsity.influence import Influence
 from smat.sparsity.magnitude import MAP
 from smat.sparsity.random_mask import Random
 
-STRATEGIES = {"random": Random, "map": MAP, "influence": Influence, "selfpruner": SelfPruner}
+STRATEGIES = {"random": Random, "map": MAP, "influence": Influence, "selfpruner": SelfPruner,
+              "circuit": Circuit}
 
 
 def make(name: str, **fields):
@@ -27,5 +30,5 @@ def make(name: str, **fields):
   return STRATEGIES[name](**fields)
 
 
-__all__ = ["Influence", "MAP", "Random", "STRATEGIES", "SelfPruner", "cubic", "kept_count", "make",
+__all__ = ["Circuit", "Influence", "MAP", "Random", "STRATEGIES", "SelfPruner", "cubic", "kept_count", "make",
            "top_k_mask"]

@@ -19,10 +19,16 @@ rows. Edges are added in score order until the unfrozen parameter count reaches 
 exactly (the last slice is cut to fit). Everything else — embeddings, LayerNorms, output
 biases — stays frozen. Scores are gradient-and-activation based, so they are defined at δ = 0:
 no warm-up is needed; the circuit is rediscovered every K steps by whoever holds the data.
+
+`Circuit` is the sparsity-strategy form: its `update` keeps the mask (the scores need
+activations, not (δ, ∂L/∂δ)), and `rediscover` turns scores into the next mask. The meta-trainer
+calls it every K steps with each expert's α-weighted mean of its meta-batch's edge scores
+(`smat.meta.step`), the meta-test adapter with the support's (`smat.finetune.Circuit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -31,6 +37,7 @@ import numpy as np
 
 from smat import protonet
 from smat.models import vit
+from smat.sparsity import common
 
 KINDS = ("q", "k", "v", "mlp")  # downstream ends; upstream kinds are "out" (heads) and "mlp"
 
@@ -210,3 +217,35 @@ def circuit_mask(params, scores, config: vit.ViTConfig, kept: int, group_size: i
   leaves = [jnp.where(node[n] >= 0, position[n] < taken[np.maximum(node[n], 0)], False)
             .astype(jnp.float32) for n in names]
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Circuit:
+  """Circuit-tuning as a mask strategy: the state is the current circuit mask (empty until the
+  first `rediscover`, which both roles call before the first step, at δ = 0)."""
+
+  density: float = 0.1
+  every: int = 8  # K: steps between rediscoveries
+  group_size: int = 64  # MLP hidden units per node
+  node_weighted: bool = False
+  exclude: tuple[str, ...] = ()  # circuits hold attention and MLP slices only: never excluded
+
+  def init(self, params, key):
+    del key
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+  def update(self, state, params, grads, step):
+    del params, grads, step
+    return state
+
+  def mask(self, state):
+    return state
+
+  def scores(self, theta, episode, config: vit.ViTConfig) -> jax.Array:
+    """[U, V] edge scores of `episode`'s support at parameters `theta`."""
+    return edge_scores(theta, episode, config, self.group_size, self.node_weighted)
+
+  def rediscover(self, params, scores, config: vit.ViTConfig):
+    """The next state: the circuit of `scores` at exactly the budget (`params`: δ's shapes)."""
+    return circuit_mask(params, scores, config, common.kept_count(params, self.density),
+                        self.group_size)
