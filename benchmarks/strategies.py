@@ -91,7 +91,7 @@ def main(argv=None) -> int:
       names = [n for n in cells if n.endswith(f"τ={tau}")]
       learned = f"{LABELS['learned']} τ={tau}"
       parts += [f"\n### τ = {tau}\n", tables.markdown(cells, id_specs, ood_specs, names)]
-      if learned in cells:
+      if learned in cells and len(names) > 1:
         pairs = [(learned, n) for n in names if n != learned]
         parts += ["\nLearned minus each strategy on the identical episodes (mean ± 95% CI):\n",
                   tables.paired_markdown(cells, id_specs, ood_specs, pairs)]

@@ -202,6 +202,35 @@ def plot_density_comparison(by_type: dict[str, dict[str, float]], path: str,
   plt.close(fig)
 
 
+def plot_compression(points: list[dict], path: str) -> None:
+  """Structured pruning: ID and OOD accuracy against the parameters removed (left) and the
+  measured speed-up (right), uniform and searched per-layer rates as separate lines. Each point
+  has `rates_from`, `total_sparsity`, `id`, `ood` and `speedup`."""
+  plt, fig = _figure(10.0, 3.6)
+  acc_ax, speed_ax = fig.subplots(1, 2)
+  for kind, marker in (("uniform", "o"), ("searched", "s")):
+    chosen = sorted((p for p in points if p["rates_from"] in (kind, "unpruned")),
+                    key=lambda p: p["total_sparsity"])
+    if len(chosen) < 2:
+      continue
+    x = [p["total_sparsity"] for p in chosen]
+    for split, style in (("id", "-"), ("ood", "--")):
+      acc_ax.plot(x, [p[split] for p in chosen], style, marker=marker,
+                  label=f"{split.upper()}, {kind} rates")
+    speed_ax.plot(x, [p["speedup"] for p in chosen], marker=marker, label=f"{kind} rates")
+  acc_ax.set_ylabel("zero-shot accuracy (%)")
+  speed_ax.set_ylabel("measured forward speed-up (×)")
+  speed_ax.axhline(1.0, color="grey", lw=0.8)
+  for ax in (acc_ax, speed_ax):
+    ax.set_xlabel("fraction of parameters removed")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.suptitle("structured pruning of heads and MLP channels (no retraining)")
+  fig.savefig(path, bbox_inches="tight")
+  plt.close(fig)
+
+
 def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image_size: int,
                       episodes: int = 100, seed: int = 0) -> list[str]:
   """The figures of a SMAT/SoftMerge run (and their .json) into `out_dir`; the files written."""

@@ -56,13 +56,14 @@ def zero_inputs(config: vit.ViTConfig, batch: int, tokens: int, group_size: int)
   return {**heads, "mlp": jnp.zeros(shape(num_groups(config, group_size)))}
 
 
-def _layer_norm(x, p, eps):
+def layer_norm(x, p, eps):
   mean = x.mean(-1, keepdims=True)
   var = jnp.square(x - mean).mean(-1, keepdims=True)
   return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _embed(params, images, config):
+def embed_tokens(params, images, config):
+  """Patch, CLS and (resampled) position embeddings: the stream entering block 0."""
   x = jax.lax.conv_general_dilated(images, params["patch_embed"]["kernel"],
                                    (config.patch_size,) * 2, "VALID",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -79,11 +80,11 @@ def node_forward(params, images, config: vit.ViTConfig, inputs: dict, group_size
   `vit.forward` (float32), with `inputs[kind][l, n]` added to the stream node n reads."""
   heads, width, eps = config.num_heads, config.width, config.layer_norm_eps
   dh, groups = width // heads, num_groups(config, group_size)
-  x = _embed(params, images, config)
+  x = embed_tokens(params, images, config)
   outs, mlps = [], []
   for l in range(config.depth):
     p = jax.tree.map(lambda a: a[l], params["blocks"])
-    read = lambda kind: _layer_norm(x[None] + inputs[kind][l], p["norm1"], eps)  # [H, B, T, D]
+    read = lambda kind: layer_norm(x[None] + inputs[kind][l], p["norm1"], eps)  # [H, B, T, D]
 
     def project(kind, name):
       w = p["attn"][name]["kernel"].reshape(width, heads, dh)
@@ -95,7 +96,7 @@ def node_forward(params, images, config: vit.ViTConfig, inputs: dict, group_size
     o = jnp.einsum("hbqk,hbke->hbqe", weights, v)
     out = jnp.einsum("hbqe,hed->hbqd", o, p["attn"]["proj"]["kernel"].reshape(heads, dh, width))
     x = x + out.sum(0) + p["attn"]["proj"]["bias"]
-    y = _layer_norm(x[None] + inputs["mlp"][l], p["norm2"], eps)  # [G, B, T, D]
+    y = layer_norm(x[None] + inputs["mlp"][l], p["norm2"], eps)  # [G, B, T, D]
     w1 = p["fc1"]["kernel"].reshape(width, groups, group_size)
     u = jnp.einsum("gbtd,dgs->gbts", y, w1) + p["fc1"]["bias"].reshape(groups, 1, 1, group_size)
     w2 = p["fc2"]["kernel"].reshape(groups, group_size, width)
@@ -103,7 +104,7 @@ def node_forward(params, images, config: vit.ViTConfig, inputs: dict, group_size
     x = x + mlp.sum(0) + p["fc2"]["bias"]
     outs.append(out)
     mlps.append(mlp)
-  x = _layer_norm(x, params["norm"], eps)
+  x = layer_norm(x, params["norm"], eps)
   return x[:, 0], {"out": jnp.stack(outs), "mlp": jnp.stack(mlps)}
 
 

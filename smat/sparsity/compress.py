@@ -1,0 +1,171 @@
+"""Backbone compression, Self-Pruner's second use: structured pruning of attention heads and MLP
+channels of a (meta-tuned) ViT with per-layer keep rates, no retraining.
+
+  scores  = unit_importance(θ, batches, config)        heads [L, H], channels [L, C]
+  kept    = kept_units(scores, rates)                  the top round(rate_l · N) units per layer
+  θ_zero  = zero_pruned(θ, kept)                       same shapes, pruned units silenced
+  small   = prune(θ, kept, config)                     physically smaller per-layer weights
+  f       = pruned_forward(small, images, config)      = vit.forward(θ_zero, images, config)
+
+A unit's importance is the first-order change of the support cross-entropy M of an episode's
+ProtoNet classifier when the unit's output is zeroed, |Σ W ⊙ ∂M/∂W| over the rows the unit
+writes through (a head's rows of attn/proj, a channel's row of fc2: M is linear in a scale on
+them), averaged over episodes. Zeroing those rows is exactly removing the unit, so accuracy is
+measured on `zero_pruned` (one compiled evaluation for every candidate of the search) and speed
+on `prune` (the shapes a deployed model would have). The rates are a layer's kept fraction of
+heads and of channels alike; `compression_fitness` scores them for `evolution.search` with the
+mean of the rates fixed at 1 − the target sparsity (layers are the same size).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smat import fewshot, protonet
+from smat.models import vit
+from smat.sparsity.circuit import embed_tokens, layer_norm
+
+
+def support_loss(theta, episode, config: vit.ViTConfig):
+  """M: support cross-entropy of the episode's ProtoNet classifier (prototypes from the same
+  forward)."""
+  f = vit.forward(theta, vit.preprocess(episode.support_images, config), config)
+  protos = protonet.prototypes(f, episode.support_labels, episode.support_mask,
+                               episode.class_mask.shape[-1])
+  logits = protonet.cosine_logits(f, protos, episode.class_mask)
+  return protonet.cross_entropy(logits, episode.support_labels, episode.support_mask)
+
+
+def _unit_scores(theta, episode, config: vit.ViTConfig):
+  grads = jax.grad(support_loss)(theta, episode, config)
+  blocks, g = theta["blocks"], grads["blocks"]
+  depth, heads = config.depth, config.num_heads
+  proj = (blocks["attn"]["proj"]["kernel"] * g["attn"]["proj"]["kernel"]).reshape(
+      depth, heads, -1).sum(-1)
+  fc2 = (blocks["fc2"]["kernel"] * g["fc2"]["kernel"]).sum(-1)
+  return jnp.abs(proj), jnp.abs(fc2)
+
+
+def unit_importance(theta, batches, config: vit.ViTConfig) -> tuple[np.ndarray, np.ndarray]:
+  """(heads [L, H], channels [L, C]): mean over the episodes of `batches` (stacked batches) of
+  each unit's |first-order change of M when it is removed|."""
+  scores = jax.jit(lambda t, e: jax.lax.map(lambda x: _unit_scores(t, x, config), e))
+  heads, channels = [], []
+  for batch in batches:
+    h, c = scores(theta, batch)
+    heads.append(np.asarray(h))
+    channels.append(np.asarray(c))
+  return np.concatenate(heads).mean(0), np.concatenate(channels).mean(0)
+
+
+def kept_units(scores, rates):
+  """Bool [L, N]: the round(rate_l · N) highest-scoring units of each layer l (ties: the lower
+  index). Jittable in `rates`."""
+  scores = jnp.asarray(scores)
+  count = jnp.round(jnp.asarray(rates) * scores.shape[1]).astype(jnp.int32)
+  order = jnp.argsort(-scores, axis=1, stable=True)
+  rank = jnp.argsort(order, axis=1)
+  return rank < count[:, None]
+
+
+def zero_pruned(theta, heads_kept, channels_kept, config: vit.ViTConfig):
+  """θ with the output rows of removed heads (attn/proj) and channels (fc2) set to 0: the
+  pruned model's function in the unpruned shapes."""
+  blocks = theta["blocks"]
+  dh = config.width // config.num_heads
+  rows = jnp.repeat(jnp.asarray(heads_kept), dh, axis=1).astype(jnp.float32)  # [L, D]
+  proj = {**blocks["attn"]["proj"],
+          "kernel": blocks["attn"]["proj"]["kernel"] * rows[:, :, None]}
+  fc2 = {**blocks["fc2"], "kernel": blocks["fc2"]["kernel"]
+         * jnp.asarray(channels_kept, jnp.float32)[:, :, None]}
+  return {**theta, "blocks": {**blocks, "attn": {**blocks["attn"], "proj": proj}, "fc2": fc2}}
+
+
+def prune(theta, heads_kept, channels_kept, config: vit.ViTConfig) -> dict:
+  """Physically pruned parameters: the embeddings and final norm, and one dict per block whose
+  q/k/v columns, proj rows, fc1 columns and fc2 rows are those of its kept units."""
+  dh = config.width // config.num_heads
+  heads_kept, channels_kept = np.asarray(heads_kept), np.asarray(channels_kept)
+  layers = []
+  for l in range(config.depth):
+    p = jax.tree.map(lambda a: np.asarray(a[l]), theta["blocks"])
+    cols = (np.flatnonzero(heads_kept[l])[:, None] * dh + np.arange(dh)).ravel()
+    units = np.flatnonzero(channels_kept[l])
+    attn = p["attn"]
+    layers.append({
+        "norm1": p["norm1"], "norm2": p["norm2"],
+        **{name: {"kernel": attn[name]["kernel"][:, cols], "bias": attn[name]["bias"][cols]}
+           for name in ("query", "key", "value")},
+        "proj": {"kernel": attn["proj"]["kernel"][cols], "bias": attn["proj"]["bias"]},
+        "fc1": {"kernel": p["fc1"]["kernel"][:, units], "bias": p["fc1"]["bias"][units]},
+        "fc2": {"kernel": p["fc2"]["kernel"][units], "bias": p["fc2"]["bias"]}})
+  shared = {k: theta[k] for k in ("patch_embed", "cls_token", "pos_embed", "norm")}
+  return jax.tree.map(jnp.asarray, {**shared, "blocks": layers})
+
+
+def _attention(x, p, dh: int):
+  batch, tokens, _ = x.shape
+  heads = p["query"]["kernel"].shape[1] // dh
+  split = lambda name: (x @ p[name]["kernel"] + p[name]["bias"]).reshape(batch, tokens, heads, dh)
+  q, k, v = split("query"), split("key"), split("value")
+  weights = jax.nn.softmax(jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(dh), axis=-1)
+  o = jnp.einsum("bhqk,bkhe->bqhe", weights, v).reshape(batch, tokens, heads * dh)
+  return o @ p["proj"]["kernel"] + p["proj"]["bias"]
+
+
+def pruned_forward(pruned, images, config: vit.ViTConfig) -> jax.Array:
+  """CLS features [B, D] of `prune`'s output on normalised images (layers unrolled: each has
+  its own width)."""
+  eps, dh = config.layer_norm_eps, config.width // config.num_heads
+  x = embed_tokens(pruned, images, config)
+  for p in pruned["blocks"]:
+    x = x + _attention(layer_norm(x, p["norm1"], eps), p, dh)
+    hidden = jax.nn.gelu(layer_norm(x, p["norm2"], eps) @ p["fc1"]["kernel"] + p["fc1"]["bias"],
+                         approximate=False)
+    x = x + hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  return layer_norm(x, pruned["norm"], eps)[:, 0]
+
+
+def parameter_count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def compression_fitness(theta, config: vit.ViTConfig, importance, batches):
+  """Self-Pruner's fitness for use (b): per-layer keep rates → mean ProtoNet accuracy (%) on the
+  fixed episode `batches` of the pruned model (no retraining)."""
+  heads, channels = (jnp.asarray(s) for s in importance)
+
+  @jax.jit  # θ is an argument: closed over, XLA would constant-fold the pruning
+  def accuracy(theta, rates, episodes):
+    pruned = zero_pruned(theta, kept_units(heads, rates), kept_units(channels, rates), config)
+    return fewshot.batch_accuracy(pruned, episodes, config)
+
+  def fitness(rates) -> float:
+    rates = jnp.asarray(rates, jnp.float32)
+    return 100.0 * float(np.mean(np.concatenate([
+        np.asarray(accuracy(theta, rates, b)) for b in batches])))
+
+  return fitness
+
+
+def time_forwards(models: list, config: vit.ViTConfig, images, repeats: int = 20) -> list[float]:
+  """Median seconds of one jitted `pruned_forward` of `images` for each of `prune`'s `models`,
+  timed in alternation (so that a shared machine's load falls on all of them alike), after
+  compiling and one warm-up run each."""
+  run = jax.jit(lambda p, x: pruned_forward(p, vit.preprocess(x, config), config))
+  images = jnp.asarray(images)
+  for model in models:
+    jax.block_until_ready(run(model, images))
+    jax.block_until_ready(run(model, images))
+  times = [[] for _ in models]
+  for _ in range(repeats):
+    for model, log in zip(models, times):
+      start = time.perf_counter()
+      jax.block_until_ready(run(model, images))
+      log.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
