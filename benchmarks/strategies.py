@@ -89,6 +89,8 @@ def main(argv=None) -> int:
              f"domain, seed {args.seed} -->"]
     for tau in args.taus.split(","):
       names = [n for n in cells if n.endswith(f"τ={tau}")]
+      if not names:
+        continue
       learned = f"{LABELS['learned']} τ={tau}"
       parts += [f"\n### τ = {tau}\n", tables.markdown(cells, id_specs, ood_specs, names)]
       if learned in cells and len(names) > 1:

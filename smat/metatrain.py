@@ -220,8 +220,9 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   saved = config.copy_and_resolve_references()
   if saved.backbone.path and os.path.exists(saved.backbone.path):  # usable from any directory
     saved.backbone.path = os.path.abspath(saved.backbone.path)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(saved.to_json_best_effort(indent=1))
+  if training.is_primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(saved.to_json_best_effort(indent=1))
   theta_pre, hp, optimizer, state = setup(config)
   per_epoch, total, warmup = schedule_steps(config)
   delta_lr = meta_step.delta_schedule(config.optim, total, warmup)
@@ -230,14 +231,14 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   training.check_divisible(batch_size, "data.meta_batch_size", mesh)
   replicated, sharded = training.shardings(mesh)
   step_fn = meta_step.jit_step(hp, optimizer, replicated)
-  theta_pre = jax.device_put(theta_pre, replicated)
-  state = jax.device_put(state, replicated)
+  theta_pre = training.replicate(theta_pre, replicated)
+  state = training.replicate(state, replicated)
 
   manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                         config.train.keep_checkpoints)
   best_manager = training.checkpoint_manager(os.path.join(workdir, "best"), 1, "val_accuracy")
   state, rng, data_state = restore(manager, state, jax.random.key(config.seed + 1))
-  rng = jax.device_put(rng, replicated)  # fresh and restored runs share one compiled step
+  rng = training.replicate(rng, replicated)  # fresh and restored runs share one compiled step
   start = int(state.step)
   end = total if stop_after is None else min(stop_after, total)
   source = loader.episode_source(config, "train")
@@ -248,11 +249,11 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   history = _read_history(workdir, start)
   log = training.MetricsLog(workdir, resume_step=start)
   bar = tqdm(total=total, initial=start, desc=f"meta-train {hp.method}", unit="step",
-             disable=not progress)
+             disable=not progress or not training.is_primary())
   last_time, last_step, train_start = time.perf_counter(), start, time.perf_counter()
   try:
     for step in range(start, end):
-      episodes = training.local_slice(next(batches), sharded, batch_size)
+      episodes = training.from_local(next(batches), sharded)  # this process's tasks
       state, metrics = step_fn(state, episodes, rng, theta_pre)
       done = step + 1
       epoch_end = done % per_epoch == 0 or done == total
@@ -273,7 +274,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
         data = batches.get_state()
         _save(manager, state, rng, data)
         _save(best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
-        _write_history(workdir, history)
+        if training.is_primary():
+          _write_history(workdir, history)
         last_time = time.perf_counter()
       bar.update(1)
   finally:

@@ -206,7 +206,7 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
                         label_smoothing=p.label_smoothing, cosine_scale=p.cosine_head_scale),
       out_shardings=(replicated, replicated), donate_argnums=0)
 
-  state = jax.device_put(init_state(config, data.num_classes, optimizer), replicated)
+  state = training.replicate(init_state(config, data.num_classes, optimizer), replicated)
   manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                         p.keep_checkpoints)
   state = _restore(manager, state)

@@ -17,9 +17,13 @@ class MetricsLog:
 
   def __init__(self, workdir: str, resume_step: int = 0):
     """Rows past `resume_step` (logged after the checkpoint a resumed run starts from) are
-    dropped, so the file reads like one uninterrupted run."""
+    dropped, so the file reads like one uninterrupted run. Only the first process of a
+    multi-host run writes (every process holds the same replicated metrics)."""
     from tensorboardX import SummaryWriter
 
+    self.enabled = is_primary()
+    if not self.enabled:
+      return
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
       with open(path) as f:
@@ -31,6 +35,8 @@ class MetricsLog:
 
   def write(self, step: int, scalars: dict) -> None:
     """One JSON row; vectors (per-expert values) go to TensorBoard as `name/k` scalars."""
+    if not self.enabled:
+      return
     self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self.jsonl.flush()
     for name, value in scalars.items():
@@ -41,8 +47,15 @@ class MetricsLog:
         self.tb.add_scalar(name, value, step)
 
   def close(self):
+    if not self.enabled:
+      return
     self.jsonl.close()
     self.tb.close()
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (the first of a multi-host run)."""
+  return jax.process_index() == 0
 
 
 def to_host(metrics: dict) -> dict:
@@ -81,10 +94,29 @@ def check_divisible(count: int, field: str, mesh: Mesh) -> None:
                     f"pick a multiple of {mesh.size}")
 
 
+def replicate(tree, sharding: NamedSharding):
+  """Every leaf as one global array replicated over `sharding`'s devices. With several
+  processes each passes the same values (a fixed seed, or a restored checkpoint); PRNG keys
+  travel as their key data."""
+  def put(x):
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
+
+
+def from_local(tree, sharding: NamedSharding):
+  """Global arrays from this process's part of a batch (leading axis: its share of it)."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
 def local_slice(tree, sharding: NamedSharding, global_size: int):
-  """Global array from this process's slice of a host batch (leading axis = global batch)."""
+  """Global arrays from this process's slice of a whole host batch (leading axis = global
+  batch, as every process loads it)."""
   local = global_size // jax.process_count()
   first = jax.process_index() * local
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[first:first + local]),
-      tree)
+  return from_local(jax.tree.map(lambda x: np.asarray(x)[first:first + local], tree), sharding)

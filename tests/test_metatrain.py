@@ -1,11 +1,12 @@
-"""Meta-training (`smat.metatrain`): exact resume, 1 vs 4 devices, non-finite stop, validation
-and the best checkpoint, logs, compilations per bucket, sparsity control and `smat meta-train`.
+"""Meta-training (`smat.metatrain`): exact resume, 1 vs 4 devices and vs 2 processes, non-finite
+stop, validation and the best checkpoint, logs, compilations per bucket, sparsity control and
+`smat meta-train`.
 
 Every run uses a one-block, 16-wide ViT on 16-px glyphs. One SMAT run (`shared`, 100 steps of
 4 tasks) is trained once and read by most tests; the other runs use the same config, so with
 this module's persistent compilation cache they load the jitted step instead of compiling it
-again (compilation dominates the run time). The four-device run starts in a subprocess before
-the shared run so the two compile side by side.
+again (compilation dominates the run time). The four-device run and the two-process
+(jax.distributed) run start in subprocesses before the shared run so they compile side by side.
 """
 
 import json
@@ -133,10 +134,49 @@ def four_devices(overrides, tmp_path_factory):
     proc.wait()
 
 
+_TWO_PROCESSES = """
+import argparse, json, sys
+from smat import cli, config as config_lib, metatrain
+cli._distributed(argparse.Namespace(distributed=True))  # as `smat meta-train --distributed`
+import jax
+assert (jax.process_count(), jax.device_count()) == (2, 2), jax.devices()
+config = config_lib.load(sys.argv[1], json.loads(sys.argv[2]))
+metatrain.train_and_evaluate(config, sys.argv[3], stop_after=int(sys.argv[4]), progress=False)
+"""
+
+
 @pytest.fixture(scope="module")
-def shared(overrides, four_devices, tmp_path_factory):
-  """The uninterrupted reference run (started after the four-device subprocess)."""
-  del four_devices  # only started here, so that it compiles while this run does
+def two_processes(overrides, tmp_path_factory):
+  """The shared config's first epoch on two processes of one CPU device each, joined through
+  jax.distributed on localhost and writing one workdir, in the background."""
+  import socket
+
+  root = tmp_path_factory.mktemp("two_processes")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_COMPILATION_CACHE") and k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+             SMAT_NUM_PROCESSES="2")
+  procs = []
+  for rank in range(2):
+    log = open(root / f"log{rank}.txt", "w")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-c", _TWO_PROCESSES, SMAT, json.dumps(overrides), str(root / "run"),
+         str(PER_EPOCH)], env={**env, "SMAT_PROCESS_ID": str(rank)}, stdout=log,
+        stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  yield procs, root
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+@pytest.fixture(scope="module")
+def shared(overrides, four_devices, two_processes, tmp_path_factory):
+  """The uninterrupted reference run (started after the multi-device subprocesses)."""
+  del four_devices, two_processes  # only started here, so that they compile while this run does
   config = config_lib.load(SMAT, overrides)
   workdir = tmp_path_factory.mktemp("shared")
   summary = metatrain.train_and_evaluate(config, str(workdir), progress=False)
@@ -253,6 +293,31 @@ def test_four_devices_match_one_device(shared, four_devices):
   chex.assert_trees_all_close(four.state.router_state, one.state.router_state, atol=2e-4, rtol=0)
   losses = lambda workdir: [r["loss"] for r in _train_rows(workdir)[:PER_EPOCH]]
   np.testing.assert_allclose(losses(run_dir), losses(shared.workdir), rtol=1e-4)
+
+
+def test_two_processes_match_one_device(shared, two_processes):
+  """Multi-host data parallelism: two processes (one CPU device and half of every meta-batch
+  each, joined by jax.distributed) reach the state of this 1-device process, and only the first
+  writes the logs."""
+  if jax.device_count() != 1:
+    pytest.skip("the reference run must be on one device")
+  procs, root = two_processes
+  for rank, proc in enumerate(procs):
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, (root / f"log{rank}.txt").read_text()[-4000:]
+  one = _saved(shared.config, shared.workdir, PER_EPOCH)
+  two = _saved(shared.config, root / "run")
+  assert (int(two.state.step), int(two.state.tasks_seen)) == (PER_EPOCH, TASKS * PER_EPOCH)
+  assert two.data == one.data
+  np.testing.assert_array_equal(two.rng, one.rng)
+  assert max(np.abs(d).max() for d in jax.tree.leaves(one.state.params["delta"])) > 0.1
+  chex.assert_trees_all_close(two.state.params, one.state.params, atol=2e-4, rtol=0)
+  chex.assert_trees_all_close(two.state.router_state, one.state.router_state, atol=2e-4, rtol=0)
+  rows = _train_rows(root / "run")
+  assert [r["step"] for r in rows] == list(range(1, PER_EPOCH + 1))  # one writer, no duplicates
+  np.testing.assert_allclose([r["loss"] for r in rows],
+                             [r["loss"] for r in _train_rows(shared.workdir)[:PER_EPOCH]],
+                             rtol=1e-4)
 
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(shared, overrides, backbone,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_LUMA = jnp.array([0.299, 0.587, 0.114])
+_LUMA = (0.299, 0.587, 0.114)  # a tuple: a module-level array would start the backend on import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,9 @@ def color_jitter(key: jax.Array, image: jax.Array, brightness: float, contrast: 
   kb, kc, ks = jax.random.split(key, 3)
   factor = lambda k, s: jax.random.uniform(k, minval=1 - s, maxval=1 + s)
   image = jnp.clip(image * factor(kb, brightness), 0, 1)
-  gray_mean = (image @ _LUMA).mean()
+  gray_mean = (image @ jnp.asarray(_LUMA)).mean()
   image = jnp.clip((image - gray_mean) * factor(kc, contrast) + gray_mean, 0, 1)
-  gray = (image @ _LUMA)[..., None]
+  gray = (image @ jnp.asarray(_LUMA))[..., None]
   return jnp.clip((image - gray) * factor(ks, saturation) + gray, 0, 1)
 
 
