@@ -2,7 +2,7 @@
 against a plain backbone forward+backward on the identical images.
 
   python -m benchmarks.throughput --config configs/smat_glyphs.py --out F.json        # 2 CPU cores
-  python -m benchmarks.throughput --config configs/smat_vits16_md.py --random-backbone \
+  python -m benchmarks.throughput --config configs/smat_vits16_md.py --random-backbone vit_s16 \
       --ways 10 --support 20 --query 100 --config.backbone.dtype=bfloat16 --out F.json   # GPU
   python -m benchmarks.throughput --config configs/smat_glyphs.py --compile-episodes 200 \
       --config.data.sampler=md --config.data.max_ways=20 --config.data.max_support=100 --out F.json
@@ -11,8 +11,10 @@ Episodes are synthetic (random pixels, balanced labels) with the config's fixed-
 unless --ways/--support/--query say otherwise, so no dataset is needed. FLOPs come from XLA's
 cost analysis of the compiled step (blocks unrolled); achieved FLOP/s = FLOPs per step ÷ step
 time. `overhead_ratio` = achieved ÷ plain achieved FLOP/s: how close the method's step runs to
-the backbone's own speed. `--compile-episodes N` also streams N real variable-way episodes
-through the step and reports how many times it compiled.
+the backbone's own speed. `--breakdown` also times each part of an expert method's step alone
+(router, gates and merge, inner step, student query pass, teachers, outer backward and update).
+`--compile-episodes N` also streams N real variable-way episodes through the step and reports
+how many times it compiled.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from smat import metatrain
 from smat.data import loader
 from smat.data.episodes import Episode
 from smat.meta import step as meta_step
-from smat.meta import tasks
+from smat.meta import router, tasks
 from smat.models import checkpoint, vit
 
 
@@ -77,13 +79,7 @@ def _peak_memory() -> float | None:
 
 def measure(config, ways: int, support: int, query: int, repeats: int,
             random_backbone: str | None) -> dict:
-  if random_backbone:
-    vit_config = vit.get_config(random_backbone, dtype=config.backbone.dtype,
-                                remat=config.backbone.remat)
-    backbone = vit.init(vit_config, jax.random.key(0)), vit_config
-  else:
-    backbone = checkpoint.load_from_config(config.backbone)
-  theta_pre, vit_config = backbone[0], backbone[1].replace(unroll_blocks=True)  # counted FLOPs
+  theta_pre, vit_config = _backbone(config, random_backbone)
   theta_pre, hp, optimizer, state = metatrain.setup(config, (theta_pre, vit_config))
   count = config.data.meta_batch_size
   episodes = jax.device_put(synthetic_episodes(count, ways, support, query,
@@ -121,6 +117,80 @@ def measure(config, ways: int, support: int, query: int, repeats: int,
   }
 
 
+def breakdown(config, ways: int, support: int, query: int, repeats: int,
+              random_backbone: str | None) -> dict:
+  """Seconds per meta-batch of each part of an expert method's step, each jitted alone over
+  the same synthetic tasks: router (θ_pre support pass, router), merge (gates sampled, masks
+  merged, θ_task built), inner step (support forward + backward), student query pass, teachers
+  (dense teacher step and pass, θ_pre query pass), the whole loss forward, and the step (loss
+  forward, outer backward, optimiser). outer backward + update = step − loss forward."""
+  theta_pre, vit_config = _backbone(config, random_backbone)
+  theta_pre, hp, optimizer, state = metatrain.setup(config, (theta_pre, vit_config))
+  if hp.method == "pmf":
+    return {}
+  episodes = jax.device_put(synthetic_episodes(config.data.meta_batch_size, ways, support,
+                                               query, config.data.image_size))
+  params, temp = state.params, hp.temperature(0)
+  router_params = router.spectral_normalize(params["router"], state.router_state)
+  keys = jax.random.split(jax.random.key(1), config.data.meta_batch_size)
+  per_task = lambda fn: jax.jit(jax.vmap(fn))
+
+  def routed(episode, key):
+    return tasks.route(router_params, theta_pre, episode, hp, temp, key)[1]
+
+  def merged(episode, key):
+    return tasks.task_params(params, theta_pre, routed(episode, key), hp, key)[0]
+
+  def inner(episode, key):
+    return tasks.inner_step(merged(episode, key), episode, hp)
+
+  def student(episode, key):
+    adapted, head, _, _ = inner(episode, key)
+    return tasks.logits_of(tasks.features(adapted, episode.query_images, hp.vit), head,
+                           episode.class_mask, hp)
+
+  def teachers(episode, key):
+    adapted, head, _, _ = inner(episode, key)
+    f_q, vjp_q = jax.vjp(lambda t: tasks.features(t, episode.query_images, hp.vit), adapted)
+    pre = tasks.features(theta_pre, episode.query_images, hp.vit)
+    return tasks.dense_teacher(adapted, head, f_q, vjp_q, episode, hp), pre
+
+  def loss(episode, key):
+    return tasks.expert_loss(params, theta_pre, router_params, episode, key, temp, hp)[0]
+
+  cumulative = {name: _time(per_task(fn), (episodes, keys), repeats) for name, fn in (
+      ("router", routed), ("merge", merged), ("inner", inner), ("student", student),
+      ("teachers", teachers), ("loss_forward", loss))}
+  step = meta_step.jit_step(hp, optimizer)
+  holder = {"state": state}
+
+  def run_step():
+    holder["state"], metrics = step(holder["state"], episodes, jax.random.key(2), theta_pre)
+    return metrics
+
+  step_s = _time(run_step, (), repeats)
+  # Each function above includes the parts before it: the differences are the parts.
+  parts = {"router": cumulative["router"],
+           "gates_merge": cumulative["merge"] - cumulative["router"],
+           "inner_step": cumulative["inner"] - cumulative["merge"],
+           "student_query": cumulative["student"] - cumulative["inner"],
+           "teachers": cumulative["teachers"] - cumulative["student"]}
+  return {"seconds": parts, "loss_forward_seconds": cumulative["loss_forward"],
+          "outer_backward_and_update_seconds": step_s - cumulative["loss_forward"],
+          "step_seconds": step_s}
+
+
+def _backbone(config, random_backbone: str | None):
+  """(θ_pre, ViTConfig with blocks unrolled, so XLA's cost analysis counts every block)."""
+  if random_backbone:
+    vit_config = vit.get_config(random_backbone, dtype=config.backbone.dtype,
+                                remat=config.backbone.remat)
+    theta_pre = vit.init(vit_config, jax.random.key(0))
+  else:
+    theta_pre, vit_config = checkpoint.load_from_config(config.backbone)
+  return theta_pre, vit_config.replace(unroll_blocks=True)
+
+
 def compile_count(config, episodes: int) -> dict:
   """Compiles of the jitted step over `episodes` real episodes of the config's sampler."""
   theta_pre, hp, optimizer, state = metatrain.setup(config)
@@ -151,6 +221,8 @@ def main(argv=None) -> None:
   parser.add_argument("--random-backbone", metavar="ARCH",
                       help="random weights of this preset instead of config.backbone.path")
   parser.add_argument("--compile-episodes", type=int, default=0)
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time each part of an expert method's step alone")
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
   config = config_lib.load(args.config, overrides)
   d = config.data
@@ -160,6 +232,10 @@ def main(argv=None) -> None:
   result.update(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
                 platform=platform.platform(), config=args.config, overrides=overrides,
                 date=time.strftime("%Y-%m-%d"))
+  if args.breakdown:
+    result["breakdown"] = breakdown(config, ways, args.support or ways * d.shots,
+                                    args.query or ways * d.queries, args.repeats,
+                                    args.random_backbone)
   if args.compile_episodes:
     result["compile_count"] = compile_count(config, args.compile_episodes)
     result["compiles"] = result["compile_count"]["compiles"]
