@@ -13,6 +13,7 @@ cost analysis of the compiled step (blocks unrolled); achieved FLOP/s = FLOPs pe
 time. `overhead_ratio` = achieved ÷ plain achieved FLOP/s: how close the method's step runs to
 the backbone's own speed. `--breakdown` also times each part of an expert method's step alone
 (router, gates and merge, inner step, student query pass, teachers, outer backward and update).
+`--evaluation full,lora` also measures meta-test episodes/s, zero-shot and fine-tuned.
 `--compile-episodes N` also streams N real variable-way episodes through the step and reports
 how many times it compiled.
 """
@@ -180,6 +181,33 @@ def breakdown(config, ways: int, support: int, query: int, repeats: int,
           "step_seconds": step_s}
 
 
+def evaluation(config, ways: int, support: int, query: int, repeats: int,
+               random_backbone: str | None, modes=("full", "lora"), batch: int = 8) -> dict:
+  """Meta-test episodes/s of the config's method on synthetic episodes: zero-shot (θ_task built
+  per episode, `batch` episodes per call) and fine-tuned by each adapter of `modes` (one
+  episode per call, `finetune.FinetuneConfig` defaults: 50 steps)."""
+  from smat import finetune
+
+  theta_pre, vit_config = _backbone(config, random_backbone)
+  theta_pre, hp, _, state = metatrain.setup(config, (theta_pre, vit_config))
+  temp = float(hp.temperature(0))
+  episodes = jax.device_put(synthetic_episodes(batch, ways, support, query,
+                                               config.data.image_size))
+  zero_shot = jax.jit(meta_step.zero_shot_batch, static_argnames="hp")
+  seconds = _time(lambda: zero_shot(state.params, state.router_state, episodes, theta_pre,
+                                    temp, hp=hp), (), repeats)
+  result = {"zero_shot_episodes_per_s": batch / seconds}
+  one = jax.tree.map(lambda x: x[:1], episodes)
+  model = finetune.TaskModel(theta_pre, state.params, state.router_state, temp)
+  keys, lrs = jax.random.key(0)[None], jnp.full((1,), 1e-4)
+  for mode in modes:
+    adapter, ft = finetune.ADAPTERS[mode], finetune.FinetuneConfig()
+    run = lambda: finetune.finetune_batch(model, one, keys, lrs, adapter=adapter, hp=hp,
+                                          config=vit_config, ft=ft)
+    result[f"{mode}_episodes_per_s"] = 1.0 / _time(run, (), max(repeats // 2, 1))
+  return result
+
+
 def _backbone(config, random_backbone: str | None):
   """(θ_pre, ViTConfig with blocks unrolled, so XLA's cost analysis counts every block)."""
   if random_backbone:
@@ -221,6 +249,9 @@ def main(argv=None) -> None:
   parser.add_argument("--random-backbone", metavar="ARCH",
                       help="random weights of this preset instead of config.backbone.path")
   parser.add_argument("--compile-episodes", type=int, default=0)
+  parser.add_argument("--evaluation", default=None, metavar="MODE,...",
+                      help="also meta-test episodes/s: zero-shot and fine-tuned by these "
+                           "adapters (e.g. full,lora)")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time each part of an expert method's step alone")
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
@@ -236,6 +267,10 @@ def main(argv=None) -> None:
     result["breakdown"] = breakdown(config, ways, args.support or ways * d.shots,
                                     args.query or ways * d.queries, args.repeats,
                                     args.random_backbone)
+  if args.evaluation:
+    result["evaluation"] = evaluation(config, ways, args.support or ways * d.shots,
+                                      args.query or ways * d.queries, args.repeats,
+                                      args.random_backbone, tuple(args.evaluation.split(",")))
   if args.compile_episodes:
     result["compile_count"] = compile_count(config, args.compile_episodes)
     result["compiles"] = result["compile_count"]["compiles"]
