@@ -9,10 +9,11 @@ s with two sets of per-layer keep rates of mean 1 − s: uniform, and searched b
 genetic search (`smat.sparsity.evolution.search`, fitness = zero-shot accuracy on the run's
 first `--search-episodes` validation episodes). Units are ranked inside a layer by their
 first-order importance on those episodes (`smat.sparsity.compress`). Each point reports the
-zero-shot ID and OOD accuracy on identical test episodes, the parameters removed, and the
-median time of a jitted forward of `--batch` images through the physically pruned model against
-the unpruned one in the same code, timed in alternation. Points are reused, so an interrupted run resumes. Writes
-OUT.json, OUT.md (command, machine, date, wall time) and OUT.png.
+zero-shot ID and OOD accuracy on identical test episodes, the parameters removed (of the heads'
+and channels' own, and of the whole model), and the median time of a jitted forward of
+`--batch` images through the physically pruned model against the unpruned one in the same code,
+timed in alternation. Points are reused, so an interrupted run resumes. Writes OUT.json, OUT.md
+(command, machine, date, wall time) and OUT.png.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def model_params(workdir: str, which: str):
 def measure_point(theta, vit_config, importance, rates, groups, sampler, image_size, args,
                   images) -> dict:
   """Accuracy, parameters and timing of the model pruned at per-layer keep `rates`."""
-  heads = np.asarray(compress.kept_units(importance[0], rates))
-  channels = np.asarray(compress.kept_units(importance[1], rates))
+  head_counts, channel_counts = compress.kept_counts(rates, vit_config)
+  heads = np.asarray(compress.kept_units(importance[0], head_counts))
+  channels = np.asarray(compress.kept_units(importance[1], channel_counts))
   zeroed = compress.zero_pruned(theta, heads, channels, vit_config)
   results = evaluate.evaluate_domains((zeroed, vit_config), groups, sampler, image_size,
                                       args.episodes, args.seed, progress=False)
@@ -54,11 +56,12 @@ def measure_point(theta, vit_config, importance, rates, groups, sampler, image_s
   pruned_s, unpruned_s = compress.time_forwards([small, unpruned], vit_config, images,
                                                 args.repeats)
   full = compress.parameter_count(theta)
-  blocks = compress.parameter_count(theta["blocks"])
+  head, channel = compress.unit_sizes(vit_config)
+  prunable = vit_config.depth * (vit_config.num_heads * head + vit_config.mlp_dim * channel)
   removed = full - compress.parameter_count(small)
   return {"rates": [float(r) for r in rates], "heads_kept": heads.sum(1).tolist(),
           "channels_kept": channels.sum(1).tolist(),
-          "block_sparsity": removed / blocks, "total_sparsity": removed / full,
+          "prunable_sparsity": removed / prunable, "total_sparsity": removed / full,
           "seconds": pruned_s, "unpruned_seconds": unpruned_s, "speedup": unpruned_s / pruned_s,
           "results": {k: {"accuracy": v["accuracy"], "ci95": v["ci95"],
                           "per_episode": v["per_episode"]} for k, v in results.items()}}
@@ -109,13 +112,13 @@ def main(argv=None) -> int:
              f"invocations); zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} "
              f"episodes per domain, seed {args.seed}; forward of {args.batch} images at "
              f"{image_size} px -->", "",
-             "| target s | rates | heads kept | channels kept | params removed (blocks / all) "
+             "| target s | rates | heads kept | channels kept | params removed (prunable / all) "
              "| val fitness | ID | OOD | forward ms (pruned / unpruned) | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["sparsity"], p["rates_from"])):
       lines.append(
           f"| {p['sparsity']:g} | {p['rates_from']} | {p['heads_kept']} | {p['channels_kept']} "
-          f"| {p['block_sparsity']:.3f} / {p['total_sparsity']:.3f} | {p['fitness']:.2f} "
+          f"| {p['prunable_sparsity']:.3f} / {p['total_sparsity']:.3f} | {p['fitness']:.2f} "
           f"| {mean(p, id_specs, 'accuracy'):.2f} ± {mean(p, id_specs, 'ci95'):.2f} "
           f"| {mean(p, ood_specs, 'accuracy'):.2f} ± {mean(p, ood_specs, 'ci95'):.2f} "
           f"| {1000 * p['seconds']:.1f} / {1000 * p['unpruned_seconds']:.1f} "

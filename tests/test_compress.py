@@ -28,10 +28,22 @@ def theta():
 
 def test_kept_units_are_the_top_units_of_each_layer_in_exact_counts():
   scores = np.asarray([[0.1, 0.4, 0.2, 0.4], [3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
-  kept = np.asarray(jax.jit(compress.kept_units)(scores, jnp.asarray([0.5, 0.25, 0.0])))
+  kept = np.asarray(jax.jit(compress.kept_units)(scores, jnp.asarray([2, 1, 0])))
   np.testing.assert_array_equal(kept, [[False, True, False, True], [True, False, False, False],
                                        [False, False, False, False]])
-  assert list(np.asarray(compress.kept_units(scores, [1.0, 0.75, 0.5])).sum(1)) == [4, 3, 2]
+
+
+def test_kept_counts_keep_each_layer_s_rate_of_parameters_to_within_one_channel():
+  head, channel = compress.unit_sizes(CFG)
+  assert (head, channel) == (3 * (16 * 4 + 4) + 4 * 16, 33)
+  layer = 4 * head + 32 * channel
+  rates = np.asarray([1.0, 0.8, 0.55, 0.3, 0.0])
+  heads, channels = (np.asarray(c) for c in jax.jit(compress.kept_counts, static_argnums=1)(
+      rates, CFG))
+  np.testing.assert_array_equal(heads, np.round(rates * 4))
+  assert channels[0] == 32 and channels[-1] == 0
+  kept = heads * head + channels * channel
+  assert np.all(np.abs(kept - rates * layer) <= channel / 2 + 1e-6)
 
 
 def test_pruned_model_computes_what_the_zeroed_model_computes():
@@ -134,10 +146,11 @@ def test_compression_benchmark_measures_each_point_once_and_resumes(monkeypatch,
       (0.5, "searched")]
   for p in points:
     assert np.mean(p["rates"]) == pytest.approx(1.0 - p["sparsity"])
-    assert p["channels_kept"] == [round(r * 32) for r in p["rates"]]
-    assert p["heads_kept"] == [round(r * 4) for r in p["rates"]]
+    heads, channels = compress.kept_counts(np.asarray(p["rates"]), CFG)
+    assert (p["heads_kept"], p["channels_kept"]) == (heads.tolist(), channels.tolist())
+    assert p["prunable_sparsity"] == pytest.approx(p["sparsity"], abs=0.02)
   np.testing.assert_allclose(evaluated, [np.mean(p["channels_kept"]) / 32 for p in points])
-  assert points[0]["total_sparsity"] == 0.0 and points[3]["block_sparsity"] > 0.45
-  assert "| 0.5 | uniform | [2, 2, 2] | [16, 16, 16] |" in open(out + ".md").read()
+  assert points[0]["total_sparsity"] == 0.0 and points[3]["prunable_sparsity"] > 0.45
+  assert "| 0.5 | uniform | [2, 2, 2] | [16, 16, 16] |" in open(out + ".md").read()  # exact
   assert (tmp_path / "out.png").stat().st_size > 0
   assert compression.main(args) == 0 and len(evaluated) == 5  # resumed: nothing re-measured

@@ -2,7 +2,8 @@
 channels of a (meta-tuned) ViT with per-layer keep rates, no retraining.
 
   scores  = unit_importance(θ, batches, config)        heads [L, H], channels [L, C]
-  kept    = kept_units(scores, rates)                  the top round(rate_l · N) units per layer
+  counts  = kept_counts(rates, config)                 heads and channels each layer keeps
+  kept    = kept_units(scores, counts)                 the top units of each layer
   θ_zero  = zero_pruned(θ, kept)                       same shapes, pruned units silenced
   small   = prune(θ, kept, config)                     physically smaller per-layer weights
   f       = pruned_forward(small, images, config)      = vit.forward(θ_zero, images, config)
@@ -12,9 +13,10 @@ ProtoNet classifier when the unit's output is zeroed, |Σ W ⊙ ∂M/∂W| over 
 writes through (a head's rows of attn/proj, a channel's row of fc2: M is linear in a scale on
 them), averaged over episodes. Zeroing those rows is exactly removing the unit, so accuracy is
 measured on `zero_pruned` (one compiled evaluation for every candidate of the search) and speed
-on `prune` (the shapes a deployed model would have). The rates are a layer's kept fraction of
-heads and of channels alike; `compression_fitness` scores them for `evolution.search` with the
-mean of the rates fixed at 1 − the target sparsity (layers are the same size).
+on `prune` (the shapes a deployed model would have). A layer's rate is the fraction of its
+prunable parameters it keeps: round(rate · H) heads, and channels filling the rest;
+`compression_fitness` scores rates for `evolution.search` with their mean fixed at 1 − the
+target sparsity (layers are the same size).
 """
 
 from __future__ import annotations
@@ -63,11 +65,31 @@ def unit_importance(theta, batches, config: vit.ViTConfig) -> tuple[np.ndarray, 
   return np.concatenate(heads).mean(0), np.concatenate(channels).mean(0)
 
 
-def kept_units(scores, rates):
-  """Bool [L, N]: the round(rate_l · N) highest-scoring units of each layer l (ties: the lower
-  index). Jittable in `rates`."""
+def unit_sizes(config: vit.ViTConfig) -> tuple[int, int]:
+  """Parameters of one head (its q, k, v columns and biases, its proj rows) and of one MLP
+  channel (its fc1 column and bias, its fc2 row)."""
+  dh = config.width // config.num_heads
+  return 3 * (config.width * dh + dh) + dh * config.width, 2 * config.width + 1
+
+
+def kept_counts(rates, config: vit.ViTConfig):
+  """(heads [L], channels [L]) a layer keeps at keep rate r: round(r · H) heads, then as many
+  channels as bring the layer's prunable parameters nearest to r of them (heads are coarse: the
+  channels absorb their rounding, so every layer keeps its rate of parameters to within one
+  channel). Jittable in `rates`."""
+  head, channel = unit_sizes(config)
+  rates = jnp.asarray(rates, jnp.float32)
+  heads = jnp.round(rates * config.num_heads)
+  room = rates * (config.num_heads * head + config.mlp_dim * channel) - heads * head
+  channels = jnp.clip(jnp.round(room / channel), 0, config.mlp_dim)
+  return heads.astype(jnp.int32), channels.astype(jnp.int32)
+
+
+def kept_units(scores, counts):
+  """Bool [L, N]: the `counts[l]` highest-scoring units of each layer l (ties: the lower
+  index). Jittable in `counts`."""
   scores = jnp.asarray(scores)
-  count = jnp.round(jnp.asarray(rates) * scores.shape[1]).astype(jnp.int32)
+  count = jnp.asarray(counts)
   order = jnp.argsort(-scores, axis=1, stable=True)
   rank = jnp.argsort(order, axis=1)
   return rank < count[:, None]
@@ -142,7 +164,9 @@ def compression_fitness(theta, config: vit.ViTConfig, importance, batches):
 
   @jax.jit  # θ is an argument: closed over, XLA would constant-fold the pruning
   def accuracy(theta, rates, episodes):
-    pruned = zero_pruned(theta, kept_units(heads, rates), kept_units(channels, rates), config)
+    head_counts, channel_counts = kept_counts(rates, config)
+    pruned = zero_pruned(theta, kept_units(heads, head_counts),
+                         kept_units(channels, channel_counts), config)
     return fewshot.batch_accuracy(pruned, episodes, config)
 
   def fitness(rates) -> float:
