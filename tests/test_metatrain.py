@@ -1,12 +1,12 @@
-"""Meta-training (`smat.metatrain`): exact resume, 1 vs 4 devices and vs 2 processes, non-finite
+"""Meta-training (`smat.metatrain`): exact resume, 1 device vs 2 processes × 2 devices, non-finite
 stop, validation and the best checkpoint, logs, compilations per bucket, sparsity control and
 `smat meta-train`.
 
 Every run uses a one-block, 16-wide ViT on 16-px glyphs. One SMAT run (`shared`, 100 steps of
 4 tasks) is trained once and read by most tests; the other runs use the same config, so with
 this module's persistent compilation cache they load the jitted step instead of compiling it
-again (compilation dominates the run time). The four-device run and the two-process
-(jax.distributed) run start in subprocesses before the shared run so they compile side by side.
+again (compilation dominates the run time). The two-process (jax.distributed) run starts in
+subprocesses before the shared run so they compile side by side.
 """
 
 import json
@@ -107,39 +107,12 @@ def overrides(base):
   return [*base, *SHARED]
 
 
-_FOUR_DEVICES = """
-import json, sys
-import jax
-from smat import config as config_lib, metatrain
-assert jax.device_count() == 4, jax.devices()
-config = config_lib.load(sys.argv[1], json.loads(sys.argv[2]))
-metatrain.train_and_evaluate(config, sys.argv[3], stop_after=int(sys.argv[4]), progress=False)
-"""
-
-
-@pytest.fixture(scope="module")
-def four_devices(overrides, tmp_path_factory):
-  """The shared config's first epoch on 4 fake CPU devices (one task each), in the background."""
-  root = tmp_path_factory.mktemp("four_devices")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  with open(root / "log.txt", "w") as log:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _FOUR_DEVICES, SMAT, json.dumps(overrides), str(root / "run"),
-         str(PER_EPOCH)], env=env, stdout=log, stderr=subprocess.STDOUT,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  yield proc, root / "run", root / "log.txt"
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
-
-
 _TWO_PROCESSES = """
 import argparse, json, sys
 from smat import cli, config as config_lib, metatrain
 cli._distributed(argparse.Namespace(distributed=True))  # as `smat meta-train --distributed`
 import jax
-assert (jax.process_count(), jax.device_count()) == (2, 2), jax.devices()
+assert (jax.process_count(), jax.device_count()) == (2, 4), jax.devices()
 config = config_lib.load(sys.argv[1], json.loads(sys.argv[2]))
 metatrain.train_and_evaluate(config, sys.argv[3], stop_after=int(sys.argv[4]), progress=False)
 """
@@ -147,8 +120,9 @@ metatrain.train_and_evaluate(config, sys.argv[3], stop_after=int(sys.argv[4]), p
 
 @pytest.fixture(scope="module")
 def two_processes(overrides, tmp_path_factory):
-  """The shared config's first epoch on two processes of one CPU device each, joined through
-  jax.distributed on localhost and writing one workdir, in the background."""
+  """The shared config's first epoch on two processes of two fake CPU devices each (one task
+  per device), joined through jax.distributed on localhost and writing one workdir, in the
+  background."""
   import socket
 
   root = tmp_path_factory.mktemp("two_processes")
@@ -158,7 +132,7 @@ def two_processes(overrides, tmp_path_factory):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith("JAX_COMPILATION_CACHE") and k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-             SMAT_NUM_PROCESSES="2")
+             SMAT_NUM_PROCESSES="2", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = []
   for rank in range(2):
     log = open(root / f"log{rank}.txt", "w")
@@ -174,9 +148,9 @@ def two_processes(overrides, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared(overrides, four_devices, two_processes, tmp_path_factory):
-  """The uninterrupted reference run (started after the multi-device subprocesses)."""
-  del four_devices, two_processes  # only started here, so that they compile while this run does
+def shared(overrides, two_processes, tmp_path_factory):
+  """The uninterrupted reference run (started after the multi-host subprocesses)."""
+  del two_processes  # only started here, so that they compile while this run does
   config = config_lib.load(SMAT, overrides)
   workdir = tmp_path_factory.mktemp("shared")
   summary = metatrain.train_and_evaluate(config, str(workdir), progress=False)
@@ -295,20 +269,10 @@ def _assert_first_epoch_matches_one_device(shared, run_dir) -> None:
                              rtol=1e-4)
 
 
-def test_four_devices_match_one_device(shared, four_devices):
-  """The meta-batch split over 4 fake CPU devices gives the state of this 1-device process."""
-  if jax.device_count() != 1:
-    pytest.skip("the reference run must be on one device")
-  proc, run_dir, log = four_devices
-  proc.wait(timeout=600)
-  assert proc.returncode == 0, log.read_text()[-4000:]
-  _assert_first_epoch_matches_one_device(shared, run_dir)
-
-
-def test_two_processes_match_one_device(shared, two_processes):
-  """Multi-host data parallelism: two processes (one CPU device and half of every meta-batch
-  each, joined by jax.distributed) reach the state of this 1-device process, and only the first
-  writes the logs (one row per step)."""
+def test_two_processes_of_two_devices_match_one_device(shared, two_processes):
+  """Data parallelism within and across hosts: two processes of two CPU devices each (one task
+  per device, half of every meta-batch per process, joined by jax.distributed) reach the state
+  of this 1-device process, and only the first process writes the logs (one row per step)."""
   if jax.device_count() != 1:
     pytest.skip("the reference run must be on one device")
   procs, root = two_processes
