@@ -5,10 +5,11 @@
   smat data describe SPEC [--json]     classes per split, images per class, metadata
   smat data show SPEC --out FILE.png   one sampled episode as an image grid
   smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
-  smat meta-train --config C --workdir D
+  smat meta-train --config C --workdir D [--distributed]
                                        meta-train SMAT / SoftMerge / PMF (config.method);
-                                       --config.experts.masks=random|map|influence|selfpruner
-                                       puts a hand-designed mask strategy in place of the gates
+                                       --config.experts.masks=random|map|influence|selfpruner|
+                                       circuit puts a hand-designed mask strategy in place of
+                                       the gates; --distributed joins several hosts
   smat evaluate --workdir D --domains SPEC --out F.json [--adapt MODE]
                                        few-shot accuracy of a run (or --method pre), zero-shot
                                        or fine-tuned on each support: full, lora, sparse (SMAT's
@@ -372,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "<workdir>/checkpoints; validates zero-shot after every epoch and keeps the "
                   "best checkpoint in <workdir>/best; metrics in <workdir>/metrics.jsonl and "
                   "<workdir>/tensorboard. Add --config.FIELD=VALUE to override config fields; "
-                  "--config.experts.masks=random|map|influence|selfpruner replaces SMAT's "
-                  "learned gates by a hand-designed mask strategy at the same τ.")
+                  "--config.experts.masks=random|map|influence|selfpruner|circuit replaces "
+                  "SMAT's learned gates by a hand-designed mask strategy at the same τ.")
   meta.add_argument("--config", default="configs/smat_glyphs.py",
                     help="config file[:variant] (default: configs/smat_glyphs.py; variants "
                          "smoke, reference)")

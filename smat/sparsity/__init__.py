@@ -7,7 +7,8 @@ learned gates (inside meta-training) and with sparse fine-tuning (at meta-test).
   selfpruner per-block budgets (searched by evolution.py), top |δ| inside  budgeted.py
   circuit    edge attribution patching, endpoint slices of the top edges  circuit.py
 
-The shared contract (init / update / mask, exact budgets, the cubic schedule) is in common.py.
+The shared contract (init / update / mask, exact budgets, the cubic schedule) is in common.py;
+structured pruning of heads and MLP channels (Self-Pruner's backbone compression) in compress.py.
 """
 
 from __future__ import annotations
@@ -30,5 +31,5 @@ def make(name: str, **fields):
   return STRATEGIES[name](**fields)
 
 
-__all__ = ["Circuit", "Influence", "MAP", "Random", "STRATEGIES", "SelfPruner", "cubic", "kept_count", "make",
-           "top_k_mask"]
+__all__ = ["Circuit", "Influence", "MAP", "Random", "STRATEGIES", "SelfPruner", "cubic",
+           "kept_count", "make", "top_k_mask"]
