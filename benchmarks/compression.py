@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks import sweep, tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
+from smat.models import vit
 from smat.sparsity import compress, evolution
 
 
@@ -55,10 +56,10 @@ def measure_point(theta, vit_config, importance, rates, groups, sampler, image_s
   unpruned = compress.prune(theta, np.ones_like(heads), np.ones_like(channels), vit_config)
   pruned_s, unpruned_s = compress.time_forwards([small, unpruned], vit_config, images,
                                                 args.repeats)
-  full = compress.parameter_count(theta)
+  full = vit.count_params(theta)
   head, channel = compress.unit_sizes(vit_config)
   prunable = vit_config.depth * (vit_config.num_heads * head + vit_config.mlp_dim * channel)
-  removed = full - compress.parameter_count(small)
+  removed = full - vit.count_params(small)
   return {"rates": [float(r) for r in rates], "heads_kept": heads.sum(1).tolist(),
           "channels_kept": channels.sum(1).tolist(),
           "prunable_sparsity": removed / prunable, "total_sparsity": removed / full,
@@ -138,13 +139,13 @@ def main(argv=None) -> int:
     if kind == "searched":
       found = evolution.search(fitness, 1.0 - sparsity, np.ones(depth), args.seed, search,
                                progress=True)
-      rates, extra = np.asarray(found["rates"]), {"search": found}
+      rates, extra = np.asarray(found["rates"]), {"search": found, "fitness": found["fitness"]}
     else:
-      rates, extra = np.full(depth, 1.0 - sparsity), {}
+      rates = np.full(depth, 1.0 - sparsity)
+      extra = {"fitness": fitness(rates)}
     point = measure_point(theta, vit_config, importance, rates, groups, sampler, image_size,
                           args, images)
-    points.append({"sparsity": sparsity, "rates_from": kind, "fitness": fitness(rates),
-                   **point, **extra})
+    points.append({"sparsity": sparsity, "rates_from": kind, **point, **extra})
     print(f"s={sparsity:g} {kind}: ID {mean(points[-1], id_specs, 'accuracy'):.2f} OOD "
           f"{mean(points[-1], ood_specs, 'accuracy'):.2f}, {1000 * point['seconds']:.1f} ms",
           flush=True)

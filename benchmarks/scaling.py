@@ -26,6 +26,7 @@ import jax
 
 from benchmarks import throughput
 from smat import config as config_lib
+from smat import plots
 
 AXES = ("experts", "ways", "shots", "image_size", "arch")
 
@@ -53,30 +54,6 @@ def measure_point(args, overrides: list[str], axis: str, value) -> dict:
   return {"axis": axis, "value": value, "seconds_per_task": result["step_seconds"]
           / result["tasks_per_step"], "plain_seconds_per_task": result["plain_step_seconds"]
           / result["tasks_per_step"], **result}
-
-
-def plot(points: list[dict], axes: list[str], path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, panels = plt.subplots(1, len(axes), figsize=(3.2 * len(axes), 3.2), dpi=120,
-                             squeeze=False)
-  for ax, axis in zip(panels[0], axes):
-    done = [p for p in points if p["axis"] == axis and not p.get("oom")]
-    labels = [str(p["value"]) for p in done]
-    ax.plot(labels, [p["seconds_per_task"] for p in done], "o-", label=done[0]["method"]
-            if done else "step")
-    ax.plot(labels, [p["plain_seconds_per_task"] for p in done], "s--", label="plain fwd+bwd")
-    ax.set_xlabel(axis.replace("_", " "))
-    ax.set_ylabel("seconds per task")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, bbox_inches="tight")
-  plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -127,7 +104,7 @@ def main(argv=None) -> int:
           f"| {'—' if peak is None else f'{peak:.2f}'} |")
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(lines) + "\n")
-    plot(points, axes, args.out + ".png")
+    plots.plot_scaling(points, axes, args.out + ".png")
 
   for axis in axes:
     if axis not in AXES:

@@ -231,6 +231,28 @@ def plot_compression(points: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def plot_scaling(points: list[dict], axes: list[str], path: str) -> None:
+  """One panel per varied axis: seconds per task of the method's step and of the plain
+  forward+backward (log scale). Each point has `axis`, `value`, `method`, `seconds_per_task`
+  and `plain_seconds_per_task`; points that ran out of memory (`oom`) are left out."""
+  plt, fig = _figure(3.2 * len(axes), 3.2)
+  panels = fig.subplots(1, len(axes), squeeze=False)[0]
+  for ax, axis in zip(panels, axes):
+    done = [p for p in points if p["axis"] == axis and not p.get("oom")]
+    labels = [str(p["value"]) for p in done]
+    ax.plot(labels, [p["seconds_per_task"] for p in done], "o-",
+            label=done[0]["method"] if done else "step")
+    ax.plot(labels, [p["plain_seconds_per_task"] for p in done], "s--", label="plain fwd+bwd")
+    ax.set_xlabel(axis.replace("_", " "))
+    ax.set_ylabel("seconds per task")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, bbox_inches="tight")
+  plt.close(fig)
+
+
 def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image_size: int,
                       episodes: int = 100, seed: int = 0) -> list[str]:
   """The figures of a SMAT/SoftMerge run (and their .json) into `out_dir`; the files written."""

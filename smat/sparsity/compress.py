@@ -153,10 +153,6 @@ def pruned_forward(pruned, images, config: vit.ViTConfig) -> jax.Array:
   return layer_norm(x, pruned["norm"], eps)[:, 0]
 
 
-def parameter_count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def compression_fitness(theta, config: vit.ViTConfig, importance, batches):
   """Self-Pruner's fitness for use (b): per-layer keep rates → mean ProtoNet accuracy (%) on the
   fixed episode `batches` of the pruned model (no retraining)."""
