@@ -31,7 +31,7 @@ from smat.models import checkpoint
 
 METHODS = ("pre", "pmf", "softmerge", "smat")
 # --modes may add "sparse" (SMAT only) and the sparsity strategies (stand-alone sparse
-# fine-tuning at density 0.1): random, map, influence, selfpruner, circuit.
+# fine-tuning at density 0.1, STRATEGY_MODES).
 MODES = ("zero-shot", "full", "lora")
 LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
 MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " +sparse",
@@ -110,25 +110,41 @@ def paired_markdown(cells: dict, id_specs, ood_specs, pairs) -> str:
   return "\n".join(lines)
 
 
+STRATEGY_MODES = ("random", "map", "influence", "selfpruner", "circuit")
+
+
 def comparison_pairs(columns) -> list[tuple[str, str]]:
-  """SMAT against PMF and SoftMerge in each mode present, and each fine-tuned SMAT against
-  zero-shot SMAT."""
+  """SMAT against PMF and SoftMerge in each mode present, and SMAT fine-tuned (full, LoRA,
+  sparse) against zero-shot SMAT."""
   pairs = []
   for mode in MODE_LABELS.values():
     for other in ("PMF", "SoftMerge"):
       if f"SMAT{mode}" in columns and f"{other}{mode}" in columns:
         pairs.append((f"SMAT{mode}", f"{other}{mode}"))
-  return pairs + [(f"SMAT{mode}", "SMAT") for mode in list(MODE_LABELS.values())[1:]
-                  if f"SMAT{mode}" in columns and "SMAT" in columns]
+  return pairs + [(f"SMAT{MODE_LABELS[m]}", "SMAT") for m in ("full", "lora", "sparse")
+                  if f"SMAT{MODE_LABELS[m]}" in columns and "SMAT" in columns]
+
+
+def strategy_pairs(columns) -> list[tuple[str, str]]:
+  """For each method: every sparse fine-tuning (SMAT's learned mask, then each strategy)
+  against its full fine-tuning, and SMAT's learned mask against each strategy."""
+  sparse = ("sparse",) + STRATEGY_MODES
+  pairs = [(f"{label}{MODE_LABELS[m]}", f"{label} +full") for label in LABELS.values()
+           for m in sparse if f"{label}{MODE_LABELS[m]}" in columns
+           and f"{label} +full" in columns]
+  return pairs + [("SMAT +sparse", f"SMAT{MODE_LABELS[m]}") for m in STRATEGY_MODES
+                  if "SMAT +sparse" in columns and f"SMAT{MODE_LABELS[m]}" in columns]
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--backbone", required=True, help="θ_pre (the Pre columns)")
+  parser.add_argument("--backbone", help="θ_pre (the Pre columns)")
   parser.add_argument("--runs", required=True, metavar="METHOD=WORKDIR,...",
                       help="meta-train workdirs of pmf, softmerge and smat")
   parser.add_argument("--rows", choices=["scripts", "pooled"], default="scripts")
   parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help="columns to evaluate, of " + ",".join(METHODS))
   parser.add_argument("--episodes", type=int, default=600, help="zero-shot episodes per cell")
   parser.add_argument("--finetune-episodes", type=int, default=600,
                       help="fine-tuned episodes per cell")
@@ -156,7 +172,8 @@ def main(argv=None) -> int:
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {}
   cells, elapsed = saved.get("cells", {}), saved.get("seconds", 0.0)
-  columns = [cell_name(m, mode) for m in METHODS for mode in modes
+  methods = [m for m in METHODS if m in args.methods.split(",")]
+  columns = [cell_name(m, mode) for m in methods for mode in modes
              if mode != "sparse" or m == "smat"]
 
   def write():
@@ -171,21 +188,24 @@ def main(argv=None) -> int:
                  f"steps, lr grid {list(ft.lrs)} searched per domain" if tuned else "")
               + f"; the first {ft.search_episodes} episodes of every domain reserved (not "
               f"reported); seed {args.seed} -->\n")
-    pairs = comparison_pairs(columns)
     with open(path, "w") as f:
       json.dump({"args": vars(args), "finetune": ft.__dict__, "id": id_specs, "ood": ood_specs,
                  "cells": cells, "seconds": elapsed + time.time() - start,
                  "software": evaluate.software_versions()}, f, indent=1)
     with open(args.out + ".md", "w") as f:
       f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n")
-      if any(a in cells and b in cells for a, b in pairs):
-        f.write("\nPaired differences on the identical episodes (mean ± 95% CI of the "
-                "per-episode difference):\n\n"
-                + paired_markdown(cells, id_specs, ood_specs, pairs) + "\n")
+      for title, pairs in (("", comparison_pairs(columns)),
+                           (" of sparse fine-tuning", strategy_pairs(columns))):
+        if any(a in cells and b in cells for a, b in pairs):
+          f.write(f"\nPaired differences{title} on the identical episodes (mean ± 95% CI of "
+                  "the per-episode difference):\n\n"
+                  + paired_markdown(cells, id_specs, ood_specs, pairs) + "\n")
 
-  models = {"pre": (checkpoint.load(args.backbone), None)}
-  for method in METHODS[1:]:
-    if method in runs:
+  if "pre" in methods and not args.backbone:
+    parser.error("--backbone is needed for the Pre columns (or leave pre out of --methods)")
+  models = {"pre": (checkpoint.load(args.backbone), None)} if "pre" in methods else {}
+  for method in methods:
+    if method != "pre" and method in runs:
       models[method] = (metatrain.load_run(runs[method]), runs[method])
   for mode in modes:
     for method, (model, workdir) in models.items():

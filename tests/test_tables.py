@@ -42,6 +42,11 @@ def test_paired_differences_use_the_same_episodes():
   assert "| a (ID) | +20.00 ±" in text and "| **OOD average** | +0.00 ±" in text
   assert tables.comparison_pairs(["SMAT", "PMF", "SMAT +full", "SoftMerge +full"]) == [
       ("SMAT", "PMF"), ("SMAT +full", "SoftMerge +full"), ("SMAT +full", "SMAT")]
+  # Sparse fine-tuning: each against full, then SMAT's learned mask against each strategy.
+  assert tables.strategy_pairs(["Pre +full", "Pre +MAP", "SMAT +full", "SMAT +sparse",
+                                "SMAT +circuit", "SMAT"]) == [
+      ("Pre +MAP", "Pre +full"), ("SMAT +sparse", "SMAT +full"),
+      ("SMAT +circuit", "SMAT +full"), ("SMAT +sparse", "SMAT +circuit")]
   # A zero-shot cell with more episodes is compared on the fine-tuned cell's episodes only.
   cells["SMAT +full"] = {"a": {"per_episode": [90.0, 60.0]}}
   assert tables.paired(cells, "SMAT +full", "SMAT", ["a"])["a"][0] == 5.0

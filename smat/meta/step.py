@@ -111,7 +111,8 @@ def _task_keys(key: jax.Array, count: int) -> jax.Array:
 
 def _loss(params, probe, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
   """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics). `probe`: zeros
-  [M, *P] whose gradient is each expert's share of ∂L/∂δ (mask strategies), else None."""
+  [M, *P] whose gradient is each expert's share of ∂L/∂δ (gradient-scored mask strategies),
+  else None."""
   theta_pre = jax.lax.stop_gradient(theta_pre)  # frozen: exactly zero gradient
   if hp.method == "pmf":
     losses, metrics = jax.vmap(tasks.protonet_loss, (None, None, 0, None))(
@@ -153,13 +154,15 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
                   if state.router_state else state.router_state)
   strategy = hp.mask_strategy if hp.method == "smat" else None
   params, sparsity = state.params, state.sparsity
-  if hasattr(strategy, "rediscover"):  # scores from activations, before this step's loss
+  from_activations = hasattr(strategy, "rediscover")
+  if from_activations:  # circuits: scores from activations, before this step's loss
     sparsity = jax.lax.cond(
         state.step % strategy.every == 0,
         lambda: rediscover(state.params, router_state, theta_pre, episodes, temp, hp),
         lambda: state.sparsity)
     params = {**params, "masks": expert_masks(strategy, sparsity)}
-  probe = None if strategy is None else jax.tree.map(jnp.zeros_like, params["masks"])
+  probe = (None if strategy is None or from_activations
+           else jax.tree.map(jnp.zeros_like, params["masks"]))
   (loss, (metrics, batch)), (grads, expert_grads) = jax.value_and_grad(
       _loss, argnums=(0, 1), has_aux=True)(
           params, probe, router_state, theta_pre, episodes, keys, temp, hp)
@@ -172,8 +175,9 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
     new_params["gates"] = jax.tree.map(gates.clamp, new_params["gates"])
     new_params["lam"] = jnp.maximum(new_params["lam"], 0.0)
   if strategy is not None:  # each expert's strategy sees (δ, its share of ∂L/∂δ, step)
-    sparsity = jax.vmap(strategy.update, (0, None, 0, None))(
-        sparsity, params["delta"], expert_grads, state.step)
+    if not from_activations:
+      sparsity = jax.vmap(strategy.update, (0, None, 0, None))(
+          sparsity, params["delta"], expert_grads, state.step)
     new_params["masks"] = expert_masks(strategy, sparsity)
   finite = _all_finite(loss, grads)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -137,14 +137,17 @@ def task_params(trainable, theta_pre, alpha, hp: Hyper, key, probe=None):
 
   SMAT samples its gates; with a mask strategy the masks are fixed inputs and θ_task =
   θ_pre + Σ_k α_k m_k ⊙ (δ + probe_k), where the zero `probe` [M, *P] exists only so that its
-  gradient is each expert's share ∂L/∂δ_k (what the strategy scores).
+  gradient is each expert's share ∂L/∂δ_k (what a gradient-scored strategy scores; None for
+  circuits, which score activations).
   """
   if hp.method == "softmerge":
     return experts.soft_merge(theta_pre, trainable["delta"], alpha), None, None
   if "masks" in trainable:
-    masks = sg(trainable["masks"])
-    theta = jax.tree.map(lambda p, d, m, q: p + jnp.tensordot(alpha, m * (d + q), axes=1),
-                         theta_pre, trainable["delta"], masks, probe)
+    masks, delta = sg(trainable["masks"]), trainable["delta"]
+    if probe is not None:  # δ_k = δ + probe_k, [M, *P]
+      delta = jax.tree.map(jnp.add, delta, probe)
+    theta = jax.tree.map(lambda p, d, m: p + jnp.tensordot(alpha, m * d, axes=1),
+                         theta_pre, delta, masks)
     merged = experts.merge(alpha, masks)
     return theta, experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre)
   masks = experts.sample_masks(key, trainable["gates"], hp.gate_noise)
