@@ -100,7 +100,11 @@ def main(argv=None) -> int:
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(parts) + "\n")
     if densities:
-      plots.plot_density_comparison(densities, args.out + "_density.png",
+      panels = {}  # "random τ=0.9" → panel "τ = 0.9", bar "random"
+      for name, by_type in densities.items():
+        label, tau = name.rsplit(" τ=", 1)
+        panels.setdefault(f"τ = {tau}", {})[label] = by_type
+      plots.plot_density_comparison(panels, args.out + "_density.png",
                                     "meta-test mask density by parameter type (mean of experts)")
 
   for tau_text in args.taus.split(","):

@@ -181,23 +181,28 @@ def meta_test_density(run) -> dict[str, np.ndarray]:
   return density_by_layer(run.params["gates"], run.theta_pre)
 
 
-def plot_density_comparison(by_type: dict[str, dict[str, float]], path: str,
+def plot_density_comparison(panels: dict[str, dict[str, dict[str, float]]], path: str,
                             title: str = "mask density by parameter type") -> None:
-  """Grouped bars: for each parameter type, one bar per mask source {name: {type: density}}."""
-  plt, fig = _figure(9.0, 3.6)
-  ax = fig.subplots()
-  names = list(by_type)
+  """Grouped bars, one panel per {panel title: {mask source: {type: density}}} (e.g. one per
+  target sparsity): for each parameter type, one bar per source, a source keeping its colour
+  in every panel."""
+  sources = list(dict.fromkeys(name for panel in panels.values() for name in panel))
   kinds = [k for k in (*PARAM_TYPES, "embeddings", "final norm")
-           if any(k in d for d in by_type.values())]
-  width = 0.8 / max(len(names), 1)
-  for i, name in enumerate(names):
-    ax.bar(np.arange(len(kinds)) + (i - (len(names) - 1) / 2) * width,
-           [by_type[name].get(k, 0.0) for k in kinds], width, label=name)
-  ax.set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right")
-  ax.set_ylabel("fraction of entries kept")
-  ax.set_title(title)
-  ax.legend(fontsize=7)
-  ax.grid(axis="y", alpha=0.3)
+           if any(k in d for panel in panels.values() for d in panel.values())]
+  plt, fig = _figure(9.0, 3.0 * len(panels) + 0.6)
+  axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, sharey=True))
+  width = 0.8 / max(len(sources), 1)
+  for ax, (panel_title, by_type) in zip(axes, panels.items()):
+    for i, name in enumerate(sources):
+      if name in by_type:
+        ax.bar(np.arange(len(kinds)) + (i - (len(sources) - 1) / 2) * width,
+               [by_type[name].get(k, 0.0) for k in kinds], width, label=name, color=f"C{i}")
+    ax.set_ylabel("fraction of entries kept")
+    ax.set_title(panel_title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].legend(fontsize=7, ncol=2)
+  axes[-1].set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right")
+  fig.suptitle(title)
   fig.savefig(path, bbox_inches="tight")
   plt.close(fig)
 
