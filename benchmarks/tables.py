@@ -31,8 +31,9 @@ from smat.models import checkpoint
 
 METHODS = ("pre", "pmf", "softmerge", "smat")
 # --modes may add "sparse" (SMAT only) and the sparsity strategies (stand-alone sparse
-# fine-tuning at density 0.1, STRATEGY_MODES).
+# fine-tuning at density 0.1).
 MODES = ("zero-shot", "full", "lora")
+STRATEGY_MODES = ("random", "map", "influence", "selfpruner", "circuit")
 LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
 MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " +sparse",
                # stand-alone sparse fine-tuning by a sparsity strategy (smat.finetune.ADAPTERS)
@@ -108,9 +109,6 @@ def paired_markdown(cells: dict, id_specs, ood_specs, pairs) -> str:
     lines.append(f"| **{kind} average** | "
                  + " | ".join(fmt(rows[kind][p].get("average")) for p in pairs) + " |")
   return "\n".join(lines)
-
-
-STRATEGY_MODES = ("random", "map", "influence", "selfpruner", "circuit")
 
 
 def comparison_pairs(columns) -> list[tuple[str, str]]:

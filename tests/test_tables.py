@@ -105,3 +105,4 @@ def test_every_adapter_has_a_column_label():
   from smat import finetune
 
   assert set(tables.MODE_LABELS) == {"zero-shot", *finetune.ADAPTERS}
+  assert set(tables.STRATEGY_MODES) < set(finetune.ADAPTERS)
