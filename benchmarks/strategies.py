@@ -87,10 +87,13 @@ def main(argv=None) -> int:
              f"{time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min (all invocations); "
              f"zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
              f"domain, seed {args.seed} -->"]
+    panels = {}  # density figure: one panel per τ, one bar per strategy
     for tau in args.taus.split(","):
       names = [n for n in cells if n.endswith(f"τ={tau}")]
       if not names:
         continue
+      panels[f"τ = {tau}"] = {n.removesuffix(f" τ={tau}"): densities[n] for n in names
+                              if n in densities}
       learned = f"{LABELS['learned']} τ={tau}"
       parts += [f"\n### τ = {tau}\n", tables.markdown(cells, id_specs, ood_specs, names)]
       if learned in cells and len(names) > 1:
@@ -100,10 +103,6 @@ def main(argv=None) -> int:
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(parts) + "\n")
     if densities:
-      panels = {}  # "random τ=0.9" → panel "τ = 0.9", bar "random"
-      for name, by_type in densities.items():
-        label, tau = name.rsplit(" τ=", 1)
-        panels.setdefault(f"τ = {tau}", {})[label] = by_type
       plots.plot_density_comparison(panels, args.out + "_density.png",
                                     "meta-test mask density by parameter type (mean of experts)")
 

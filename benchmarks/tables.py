@@ -170,6 +170,9 @@ def main(argv=None) -> int:
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {}
   cells, elapsed = saved.get("cells", {}), saved.get("seconds", 0.0)
+  unknown = set(args.methods.split(",")) - set(METHODS)
+  if unknown:
+    parser.error(f"--methods: unknown {sorted(unknown)}; choose from {','.join(METHODS)}")
   methods = [m for m in METHODS if m in args.methods.split(",")]
   columns = [cell_name(m, mode) for m in methods for mode in modes
              if mode != "sparse" or m == "smat"]
