@@ -68,13 +68,19 @@ def to_host(metrics: dict) -> dict:
 
 
 def checkpoint_manager(directory: str, keep: int, best_metric: str | None = None):
-  """Orbax manager in `directory`; with `best_metric` it keeps only the `keep` best steps."""
+  """Orbax manager in `directory`; with `best_metric` it keeps only the `keep` best steps.
+
+  Its multi-host barriers are prefixed with the directory's name: a run's "checkpoints" and
+  "best" managers both save at the end of an epoch, and with equal barrier keys their background
+  commits collide across processes ("barrier ... is already ongoing")."""
   import orbax.checkpoint as ocp
 
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True,
       best_fn=(lambda m: m[best_metric]) if best_metric else None,
-      best_mode="max")
+      best_mode="max",
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

@@ -282,6 +282,51 @@ def test_two_processes_of_two_devices_match_one_device(shared, two_processes):
   _assert_first_epoch_matches_one_device(shared, root / "run")
 
 
+_TWO_MANAGERS = """
+import os, sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np, orbax.checkpoint as ocp
+from smat import training
+replicated, _ = training.shardings(training.data_mesh())
+x = training.replicate({"x": np.arange(64, dtype=np.float32)}, replicated)
+managers = [training.checkpoint_manager(os.path.join(sys.argv[3], name), 1)
+            for name in ("checkpoints", "best")]
+for step in range(1, 21):
+  for manager in managers:
+    manager.save(step, args=ocp.args.StandardSave(x))
+for manager in managers:
+  manager.wait_until_finished()
+  assert manager.latest_step() == 20
+  manager.close()
+"""
+
+
+def test_two_checkpoint_managers_save_together_on_two_processes(tmp_path):
+  """A run's "checkpoints" and "best" managers save at the same steps; on several processes
+  their background commits must not share barrier keys (without distinct prefixes this fails
+  within a few steps with "barrier ... is already ongoing")."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_COMPILATION_CACHE") and k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_MANAGERS, address, str(rank),
+                             str(tmp_path)], env={**env, "JAX_PLATFORMS": "cpu"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for rank in range(2)]
+  try:
+    for proc in procs:
+      out, _ = proc.communicate(timeout=120)
+      assert proc.returncode == 0, out[-3000:]
+  finally:
+    for proc in procs:
+      proc.kill()
+  assert _steps(tmp_path / "checkpoints") == _steps(tmp_path / "best") == [20]
+
+
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(shared, overrides, backbone,
                                                                   tmp_path):
   # Resume from the shared run's epoch-1 checkpoint with θ_pre × 1e30: finite weights whose
