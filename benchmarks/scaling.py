@@ -91,17 +91,17 @@ def main(argv=None) -> int:
     lines = [f"<!-- python -m benchmarks.scaling {' '.join(argv)}\nmachine: {platform.node()} "
              f"({os.cpu_count()} CPUs, {device}), date: {time.strftime('%Y-%m-%d')} -->", "",
              "| axis | value | s / task | plain s / task | step ÷ plain | GFLOP / task "
-             "| overhead ratio | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+             "| overhead ratio | step temp GiB | peak GiB |", "|" + "---|" * 9]
+    gib = lambda x: "—" if x is None else f"{x:.3f}"
     for p in points:
       if p.get("oom"):
-        lines.append(f"| {p['axis']} | {p['value']} | out of memory | | | | | |")
+        lines.append(f"| {p['axis']} | {p['value']} | out of memory | | | | | | |")
         continue
-      peak = p["peak_memory_gib"]
       lines.append(
           f"| {p['axis']} | {p['value']} | {p['seconds_per_task']:.4f} "
           f"| {p['plain_seconds_per_task']:.4f} | {p['time_ratio']:.2f} "
           f"| {p['flops_per_task'] / 1e9:.2f} | {p['overhead_ratio']:.2f} "
-          f"| {'—' if peak is None else f'{peak:.2f}'} |")
+          f"| {gib(p.get('step_temp_gib'))} | {gib(p['peak_memory_gib'])} |")
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(lines) + "\n")
     plots.plot_scaling(points, axes, args.out + ".png")

@@ -10,8 +10,9 @@ against a plain backbone forward+backward on the identical images.
 Episodes are synthetic (random pixels, balanced labels) with the config's fixed-sampler shape
 unless --ways/--support/--query say otherwise, so no dataset is needed. FLOPs come from XLA's
 cost analysis of the compiled step (blocks unrolled); achieved FLOP/s = FLOPs per step ÷ step
-time. `overhead_ratio` = achieved ÷ plain achieved FLOP/s: how close the method's step runs to
-the backbone's own speed. `--breakdown` also times each part of an expert method's step alone
+time; `step_temp_gib` is the compiled step's temporary memory (XLA's buffer assignment).
+`overhead_ratio` = achieved ÷ plain achieved FLOP/s: how close the method's step runs to the
+backbone's own speed. `--breakdown` also times each part of an expert method's step alone
 (router, gates and merge, inner step, student query pass, teachers, outer backward and update).
 `--evaluation full,lora` also measures meta-test episodes/s, zero-shot and fine-tuned.
 `--compile-episodes N` also streams N real variable-way episodes through the step and reports
@@ -72,6 +73,14 @@ def _plain_loss(params, support, query, config):
   return jnp.mean(jnp.square(tasks.features(params, images, config)))
 
 
+def _temp_memory(compiled) -> float | None:
+  """GiB of temporaries XLA's buffer assignment gives the compiled step (on every backend, so
+  CPU runs show what a change does to memory too)."""
+  analysis = compiled.memory_analysis()
+  temp = getattr(analysis, "temp_size_in_bytes", None)
+  return None if temp is None else temp / 2 ** 30
+
+
 def _peak_memory() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
@@ -114,7 +123,7 @@ def measure(config, ways: int, support: int, query: int, repeats: int,
       "plain_step_seconds": plain_seconds, "plain_flops_per_task": plain_flops / count,
       "plain_achieved_flops_per_s": plain_achieved, "overhead_ratio": achieved / plain_achieved,
       "time_ratio": seconds / plain_seconds, "compile_seconds": compile_s,
-      "peak_memory_gib": _peak_memory(),
+      "peak_memory_gib": _peak_memory(), "step_temp_gib": _temp_memory(compiled),
   }
 
 

@@ -286,6 +286,64 @@ def test_sparsity_counts_exact_zeros_weighted_by_coverage():
                              (12 - 6 + 10) / total, rtol=1e-6)
 
 
+@pytest.mark.parametrize("width", [gates.FULL_NOISE, gates.REFERENCE_NOISE])
+def test_fused_sample_and_merge_equals_sampling_then_merging(width):
+  """`experts.sample_merged` recomputes z in its backward pass instead of storing it: the merged
+  masks, the sparsity and the gradients (∂/∂log α and ∂/∂α through θ_task) must be those of
+  `merge(sample_masks(...))`, on structured, element-wise and gate-less leaves."""
+  params, _ = _toy_params()
+  rng = np.random.default_rng(2)
+  gate_logits = {"a": jnp.asarray(rng.normal(0, 2, (M, 4, 1)), jnp.float32),
+                 "b": jnp.asarray(rng.normal(0, 2, (M, 2, 5)), jnp.float32),
+                 "c": jnp.zeros((M, 0))}
+  alpha = jnp.array([0.2, 0.5, 0.3])
+  delta = random_like(jax.random.key(0), params, 1.0)
+  key = jax.random.key(9)
+
+  def loss(merged):
+    theta = experts.interpolate(params, delta, merged)
+    return sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(theta))
+
+  def unfused(gate_logits, alpha):
+    masks = experts.sample_masks(key, gate_logits, width)
+    return loss(experts.merge(alpha, masks)), experts.sparsity(masks, params)
+
+  def fused(gate_logits, alpha):
+    merged, sparsity = experts.sample_merged(key, gate_logits, alpha, params, width)
+    return loss(merged), sparsity
+
+  (want, want_sparsity), want_grads = jax.value_and_grad(unfused, (0, 1), has_aux=True)(
+      gate_logits, alpha)
+  (got, got_sparsity), got_grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(
+      gate_logits, alpha)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  np.testing.assert_allclose(np.asarray(got_sparsity), np.asarray(want_sparsity), rtol=1e-6)
+  assert float(got_sparsity.min()) > 6 / 28  # some gates were clipped to 0, not only "c"'s
+  assert tree_max_abs(want_grads[0]) > 0.1 and float(jnp.abs(want_grads[1]).max()) > 0.1
+  assert tree_max_diff(got_grads, want_grads) < 1e-5 * tree_max_abs(want_grads)
+
+  # ... and the gradient is the finite difference of the fused forward on an unclipped gate.
+  z = np.asarray(gates.sample(jax.random.split(key, 3)[1], gate_logits["b"], width))
+  k, i, j = np.argwhere((z > 0.05) & (z < 0.95))[0]
+  bump = np.zeros((M, 2, 5), np.float32)
+  bump[k, i, j] = 1e-2
+  moved = lambda sign: float(fused({**gate_logits, "b": gate_logits["b"] + sign * bump},
+                                   alpha)[0])
+  assert (moved(1) - moved(-1)) / 2e-2 == pytest.approx(float(got_grads[0]["b"][k, i, j]),
+                                                         rel=2e-2)
+
+
+def test_fused_gates_keep_less_memory_and_the_same_gradients_on_a_vit_tree():
+  """`benchmarks.gates` on ViT-mini's tree (0.8M weights, M = 2, 2 tasks): the fused gate path's
+  compiled gradient needs well under the sampled one's temporary memory, with equal gradients."""
+  from benchmarks import gates as gates_benchmark
+
+  sampled, fused = gates_benchmark.measure("vit_mini_p4", 2, 2, repeats=1, noise=gates.FULL_NOISE)
+  assert (sampled["implementation"], fused["implementation"]) == ("sampled", "fused")
+  assert fused["max_gradient_difference"] < 1e-5
+  assert fused["temp_gib"] < 0.6 * sampled["temp_gib"]
+
+
 def test_soft_merge_by_hand():
   params, _ = _toy_params()
   deltas = random_like(jax.random.key(1), jax.tree.map(lambda p: jnp.zeros((M,) + p.shape),

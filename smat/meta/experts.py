@@ -77,11 +77,29 @@ def has_gates(log_alpha: jax.Array) -> bool:
 
 
 def sample_masks(key: jax.Array, gate_logits, noise_half_width: float = hc.FULL_NOISE):
-  """Training masks z [M, *G] per leaf (independent noise per leaf and element)."""
+  """Training masks z [M, *G] per leaf (independent noise per leaf and element). The step uses
+  `sample_merged`, which gives the merged values without keeping z."""
   leaves, treedef = jax.tree.flatten(gate_logits)
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(treedef, [hc.sample(k, g, noise_half_width) if has_gates(g) else g
                                       for k, g in zip(keys, leaves)])
+
+
+def sample_merged(key: jax.Array, gate_logits, alpha: jax.Array, params,
+                  noise_half_width: float = hc.FULL_NOISE):
+  """(m = Σ_k α_k z_k per leaf, each expert's sparsity [M]) of training masks: the values of
+  `merge(alpha, sample_masks(key, ...))` and `sparsity` on them, without materialising z."""
+  leaves, treedef = jax.tree.flatten(gate_logits)
+  keys = jax.random.split(key, len(leaves))
+  merged, nonzero = [], jnp.zeros(alpha.shape)
+  for k, g, p in zip(keys, leaves, jax.tree.leaves(params)):
+    if not has_gates(g):
+      merged.append(g)
+      continue
+    m, count = hc.sample_and_merge(k, g, alpha, noise_half_width)
+    merged.append(m)
+    nonzero = nonzero + _coverage(g, p) * count
+  return jax.tree.unflatten(treedef, merged), 1.0 - nonzero / total_size(params)
 
 
 def eval_masks(gate_logits):
@@ -91,7 +109,7 @@ def eval_masks(gate_logits):
 
 def merge(alpha: jax.Array, masks):
   """m = Σ_k α_k z_k per leaf ([*G]; leaves without gates stay empty)."""
-  return jax.tree.map(lambda z: jnp.tensordot(alpha, z, axes=1) if has_gates(z) else z, masks)
+  return jax.tree.map(lambda z: hc.weighted_sum(alpha, z) if has_gates(z) else z, masks)
 
 
 def interpolate(theta_pre, delta, merged):

@@ -11,6 +11,7 @@ so z is exactly 0 or 1 with positive probability and differentiable in between.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,13 +33,61 @@ def _stretch(s: jax.Array) -> jax.Array:
   return jnp.clip(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def sample(key: jax.Array, log_alpha: jax.Array,
-           noise_half_width: float = FULL_NOISE) -> jax.Array:
-  """Training gates z ∈ [0, 1], reparameterised in log_α."""
+def _concrete(key: jax.Array, log_alpha: jax.Array, noise_half_width: float) -> jax.Array:
+  """s = sigmoid((log u − log(1 − u) + log_α) / β): the binary-concrete sample before stretching."""
   u = jax.random.uniform(key, log_alpha.shape, jnp.float32, 0.5 - noise_half_width,
                          0.5 + noise_half_width)
   u = jnp.clip(u, _EPS, 1.0 - _EPS)
-  return _stretch(jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / BETA))
+  return jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / BETA)
+
+
+def sample(key: jax.Array, log_alpha: jax.Array,
+           noise_half_width: float = FULL_NOISE) -> jax.Array:
+  """Training gates z ∈ [0, 1], reparameterised in log_α."""
+  return _stretch(_concrete(key, log_alpha, noise_half_width))
+
+
+def weighted_sum(alpha: jax.Array, z: jax.Array) -> jax.Array:
+  """Σ_k α_k z_k over the leading axis, as a reduction (which fuses with z's producer; a
+  tensordot is a matrix product and needs z in memory first)."""
+  return (alpha.reshape(alpha.shape + (1,) * (z.ndim - 1)) * z).sum(0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sample_and_merge(key: jax.Array, log_alpha: jax.Array, alpha: jax.Array,
+                     noise_half_width: float = FULL_NOISE):
+  """(m = Σ_k α_k z_k, non-zero gates per expert [M] as float) for z = `sample(key, log_α)`.
+
+  The same values as sampling then merging, without keeping z [M, *G] for the backward pass:
+  it draws the same noise again from `key` and recomputes z, so each step reads the M gate
+  tensors once forward and once backward and stores none (the counts have zero gradient).
+  """
+  z = sample(key, log_alpha, noise_half_width)
+  return weighted_sum(alpha, z), _nonzero_per_expert(z)
+
+
+def _nonzero_per_expert(z: jax.Array) -> jax.Array:
+  return (z != 0).reshape(z.shape[0], -1).sum(-1).astype(jnp.float32)
+
+
+def _sample_and_merge_fwd(key, log_alpha, alpha, noise_half_width):
+  return sample_and_merge(key, log_alpha, alpha, noise_half_width), (key, log_alpha, alpha)
+
+
+def _sample_and_merge_bwd(noise_half_width, residuals, cotangents):
+  key, log_alpha, alpha = residuals
+  g_merged, _ = cotangents
+  s = _concrete(key, log_alpha, noise_half_width)
+  stretched = s * (ZETA - GAMMA) + GAMMA
+  z = jnp.clip(stretched, 0.0, 1.0)
+  # dz/dlog_α: the clip passes the gradient strictly inside (0, 1); sigmoid' = s (1 − s).
+  dz = jnp.where((stretched > 0.0) & (stretched < 1.0), (ZETA - GAMMA) / BETA * s * (1.0 - s), 0.0)
+  g_z = g_merged[None] * alpha.reshape(alpha.shape + (1,) * (z.ndim - 1))
+  g_alpha = (g_merged[None] * z).reshape(z.shape[0], -1).sum(-1)
+  return None, g_z * dz, g_alpha
+
+
+sample_and_merge.defvjp(_sample_and_merge_fwd, _sample_and_merge_bwd)
 
 
 def deterministic(log_alpha: jax.Array) -> jax.Array:

@@ -150,10 +150,10 @@ def task_params(trainable, theta_pre, alpha, hp: Hyper, key, probe=None):
                          theta_pre, delta, masks)
     merged = experts.merge(alpha, masks)
     return theta, experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre)
-  masks = experts.sample_masks(key, trainable["gates"], hp.gate_noise)
-  merged = experts.merge(alpha, masks)
-  return (experts.interpolate(theta_pre, trainable["delta"], merged),
-          experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre))
+  merged, sparsity = experts.sample_merged(key, trainable["gates"], alpha, theta_pre,
+                                           hp.gate_noise)
+  return (experts.interpolate(theta_pre, trainable["delta"], merged), sparsity,
+          experts.merged_density(merged, theta_pre))
 
 
 def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyper, probe=None):
