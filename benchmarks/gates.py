@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import throughput
 from smat.meta import experts, gates
 from smat.models import vit
 
@@ -72,15 +73,6 @@ def inputs(arch: str, experts_: int, tasks: int):
   return theta_pre, readout, gate_logits, delta, alpha, jax.random.split(jax.random.key(2), tasks)
 
 
-def _time(fn, args, repeats: int) -> tuple[float, object]:
-  out = jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats, out
-
-
 def measure(arch: str, experts_: int, tasks: int, repeats: int, noise: float,
             memory_only: bool = False) -> list[dict]:
   theta_pre, readout, gate_logits, delta, alpha, keys = inputs(arch, experts_, tasks)
@@ -93,15 +85,15 @@ def measure(arch: str, experts_: int, tasks: int, repeats: int, noise: float,
     try:
       compiled = gradient_fn(implementation, theta_pre, readout, noise).lower(*args).compile()
       if not memory_only:
-        seconds, grads[implementation] = _time(compiled, args, repeats)
+        seconds = throughput.seconds_per_call(compiled, args, repeats)
+        grads[implementation] = compiled(*args)
     except Exception as err:  # XLA reports exhausted memory as a runtime error
       if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
         raise
       points.append({**point, "oom": True})
       continue
-    temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
     points.append({**point, "ms": None if memory_only else 1e3 * seconds,
-                   "temp_gib": None if temp is None else temp / 2 ** 30})
+                   "temp_gib": throughput.temp_memory_gib(compiled)})
   if len(grads) == 2:
     a, b = (jax.tree.leaves(grads[i]) for i in IMPLEMENTATIONS)
     scale = max(float(jnp.abs(x).max()) for x in a if x.size)

@@ -57,7 +57,8 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
-def _time(fn, args, repeats: int) -> float:
+def seconds_per_call(fn, args, repeats: int) -> float:
+  """Mean wall time of `fn(*args)` over `repeats` calls after one warm-up call."""
   out = fn(*args)
   jax.block_until_ready(out)
   start = time.perf_counter()
@@ -73,7 +74,7 @@ def _plain_loss(params, support, query, config):
   return jnp.mean(jnp.square(tasks.features(params, images, config)))
 
 
-def _temp_memory(compiled) -> float | None:
+def temp_memory_gib(compiled) -> float | None:
   """GiB of temporaries XLA's buffer assignment gives the compiled step (on every backend, so
   CPU runs show what a change does to memory too)."""
   analysis = compiled.memory_analysis()
@@ -106,13 +107,13 @@ def measure(config, ways: int, support: int, query: int, repeats: int,
     holder["state"], metrics = compiled(holder["state"], episodes, rng, theta_pre)
     return metrics
 
-  seconds = _time(run_step, (), repeats)
+  seconds = seconds_per_call(run_step, (), repeats)
   plain = jax.jit(jax.grad(_plain_loss), static_argnums=3)
   plain_compiled = plain.lower(theta_pre, episodes.support_images, episodes.query_images,
                                vit_config).compile()
   plain_flops = _flops(plain_compiled)
-  plain_seconds = _time(plain_compiled, (theta_pre, episodes.support_images,
-                                         episodes.query_images), repeats)
+  plain_seconds = seconds_per_call(plain_compiled, (theta_pre, episodes.support_images,
+                                                    episodes.query_images), repeats)
   achieved, plain_achieved = flops / seconds, plain_flops / plain_seconds
   return {
       "method": hp.method, "arch": random_backbone or config.backbone.path,
@@ -123,7 +124,7 @@ def measure(config, ways: int, support: int, query: int, repeats: int,
       "plain_step_seconds": plain_seconds, "plain_flops_per_task": plain_flops / count,
       "plain_achieved_flops_per_s": plain_achieved, "overhead_ratio": achieved / plain_achieved,
       "time_ratio": seconds / plain_seconds, "compile_seconds": compile_s,
-      "peak_memory_gib": _peak_memory(), "step_temp_gib": _temp_memory(compiled),
+      "peak_memory_gib": _peak_memory(), "step_temp_gib": temp_memory_gib(compiled),
   }
 
 
@@ -168,9 +169,10 @@ def breakdown(config, ways: int, support: int, query: int, repeats: int,
   def loss(episode, key):
     return tasks.expert_loss(params, theta_pre, router_params, episode, key, temp, hp)[0]
 
-  cumulative = {name: _time(per_task(fn), (episodes, keys), repeats) for name, fn in (
-      ("router", routed), ("merge", merged), ("inner", inner), ("student", student),
-      ("teachers", teachers), ("loss_forward", loss))}
+  functions = (("router", routed), ("merge", merged), ("inner", inner), ("student", student),
+               ("teachers", teachers), ("loss_forward", loss))
+  cumulative = {name: seconds_per_call(per_task(fn), (episodes, keys), repeats)
+                for name, fn in functions}
   step = meta_step.jit_step(hp, optimizer)
   holder = {"state": state}
 
@@ -178,7 +180,7 @@ def breakdown(config, ways: int, support: int, query: int, repeats: int,
     holder["state"], metrics = step(holder["state"], episodes, jax.random.key(2), theta_pre)
     return metrics
 
-  step_s = _time(run_step, (), repeats)
+  step_s = seconds_per_call(run_step, (), repeats)
   # Each function above includes the parts before it: the differences are the parts.
   parts = {"router": cumulative["router"],
            "gates_merge": cumulative["merge"] - cumulative["router"],
@@ -203,7 +205,7 @@ def evaluation(config, ways: int, support: int, query: int, repeats: int,
   episodes = jax.device_put(synthetic_episodes(batch, ways, support, query,
                                                config.data.image_size))
   zero_shot = jax.jit(meta_step.zero_shot_batch, static_argnames="hp")
-  seconds = _time(lambda: zero_shot(state.params, state.router_state, episodes, theta_pre,
+  seconds = seconds_per_call(lambda: zero_shot(state.params, state.router_state, episodes, theta_pre,
                                     temp, hp=hp), (), repeats)
   result = {"zero_shot_episodes_per_s": batch / seconds}
   one = jax.tree.map(lambda x: x[:1], episodes)
@@ -213,7 +215,7 @@ def evaluation(config, ways: int, support: int, query: int, repeats: int,
     adapter, ft = finetune.ADAPTERS[mode], finetune.FinetuneConfig()
     run = lambda: finetune.finetune_batch(model, one, keys, lrs, adapter=adapter, hp=hp,
                                           config=vit_config, ft=ft)
-    result[f"{mode}_episodes_per_s"] = 1.0 / _time(run, (), max(repeats // 2, 1))
+    result[f"{mode}_episodes_per_s"] = 1.0 / seconds_per_call(run, (), max(repeats // 2, 1))
   return result
 
 

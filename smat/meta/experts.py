@@ -91,15 +91,10 @@ def sample_merged(key: jax.Array, gate_logits, alpha: jax.Array, params,
   `merge(alpha, sample_masks(key, ...))` and `sparsity` on them, without materialising z."""
   leaves, treedef = jax.tree.flatten(gate_logits)
   keys = jax.random.split(key, len(leaves))
-  merged, nonzero = [], jnp.zeros(alpha.shape)
-  for k, g, p in zip(keys, leaves, jax.tree.leaves(params)):
-    if not has_gates(g):
-      merged.append(g)
-      continue
-    m, count = hc.sample_and_merge(k, g, alpha, noise_half_width)
-    merged.append(m)
-    nonzero = nonzero + _coverage(g, p) * count
-  return jax.tree.unflatten(treedef, merged), 1.0 - nonzero / total_size(params)
+  pairs = [hc.sample_and_merge(k, g, alpha, noise_half_width) if has_gates(g) else (g, None)
+           for k, g in zip(keys, leaves)]
+  nonzero = _coverage_mean(leaves, params, [count for _, count in pairs])
+  return jax.tree.unflatten(treedef, [m for m, _ in pairs]), 1.0 - nonzero
 
 
 def eval_masks(gate_logits):
@@ -138,13 +133,21 @@ def total_size(params) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 
+def _coverage_mean(gate_leaves, params, sums) -> jax.Array:
+  """[M]: Σ over gated leaves of coverage × that leaf's per-expert sum [M], over all backbone
+  elements."""
+  total = jnp.zeros(gate_leaves[0].shape[:1])
+  for g, p, s in zip(gate_leaves, jax.tree.leaves(params), sums):
+    if has_gates(g):
+      total = total + _coverage(g, p) * s
+  return total / total_size(params)
+
+
 def _per_expert_mean(tree, params, per_gate) -> jax.Array:
   """[M]: Σ over gated leaves of coverage × Σ per_gate(gate), over all backbone elements."""
-  total = jnp.zeros(jax.tree.leaves(tree)[0].shape[:1])
-  for g, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
-    if has_gates(g):
-      total = total + _coverage(g, p) * per_gate(g).reshape(g.shape[0], -1).sum(-1)
-  return total / total_size(params)
+  leaves = jax.tree.leaves(tree)
+  return _coverage_mean(leaves, params, [per_gate(g).reshape(g.shape[0], -1).sum(-1)
+                                         if has_gates(g) else None for g in leaves])
 
 
 def expected_l0(gate_logits, params) -> jax.Array:

@@ -47,10 +47,20 @@ def sample(key: jax.Array, log_alpha: jax.Array,
   return _stretch(_concrete(key, log_alpha, noise_half_width))
 
 
+def _over_experts(alpha: jax.Array, z: jax.Array) -> jax.Array:
+  """α [M] shaped to broadcast against z [M, *G]."""
+  return alpha.reshape(alpha.shape + (1,) * (z.ndim - 1))
+
+
+def _sum_per_expert(x: jax.Array) -> jax.Array:
+  """[M, *G] → [M]."""
+  return x.reshape(x.shape[0], -1).sum(-1)
+
+
 def weighted_sum(alpha: jax.Array, z: jax.Array) -> jax.Array:
   """Σ_k α_k z_k over the leading axis, as a reduction (which fuses with z's producer; a
   tensordot is a matrix product and needs z in memory first)."""
-  return (alpha.reshape(alpha.shape + (1,) * (z.ndim - 1)) * z).sum(0)
+  return (_over_experts(alpha, z) * z).sum(0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -63,11 +73,7 @@ def sample_and_merge(key: jax.Array, log_alpha: jax.Array, alpha: jax.Array,
   tensors once forward and once backward and stores none (the counts have zero gradient).
   """
   z = sample(key, log_alpha, noise_half_width)
-  return weighted_sum(alpha, z), _nonzero_per_expert(z)
-
-
-def _nonzero_per_expert(z: jax.Array) -> jax.Array:
-  return (z != 0).reshape(z.shape[0], -1).sum(-1).astype(jnp.float32)
+  return weighted_sum(alpha, z), _sum_per_expert(z != 0).astype(jnp.float32)
 
 
 def _sample_and_merge_fwd(key, log_alpha, alpha, noise_half_width):
@@ -78,13 +84,10 @@ def _sample_and_merge_bwd(noise_half_width, residuals, cotangents):
   key, log_alpha, alpha = residuals
   g_merged, _ = cotangents
   s = _concrete(key, log_alpha, noise_half_width)
-  stretched = s * (ZETA - GAMMA) + GAMMA
-  z = jnp.clip(stretched, 0.0, 1.0)
+  z = _stretch(s)
   # dz/dlog_α: the clip passes the gradient strictly inside (0, 1); sigmoid' = s (1 − s).
-  dz = jnp.where((stretched > 0.0) & (stretched < 1.0), (ZETA - GAMMA) / BETA * s * (1.0 - s), 0.0)
-  g_z = g_merged[None] * alpha.reshape(alpha.shape + (1,) * (z.ndim - 1))
-  g_alpha = (g_merged[None] * z).reshape(z.shape[0], -1).sum(-1)
-  return None, g_z * dz, g_alpha
+  dz = jnp.where((z > 0.0) & (z < 1.0), (ZETA - GAMMA) / BETA * s * (1.0 - s), 0.0)
+  return None, g_merged[None] * _over_experts(alpha, z) * dz, _sum_per_expert(g_merged[None] * z)
 
 
 sample_and_merge.defvjp(_sample_and_merge_fwd, _sample_and_merge_bwd)
