@@ -15,21 +15,12 @@ import argparse
 import itertools
 import json
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import report, throughput
 from smat.models import vit
-
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def _peak(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  return next((v for k, v in PEAK_BF16.items() if k in kind), None)
-
 
 def _loss(params, images, config):
   return jnp.mean(jnp.square(vit.forward(params, images, config)))
@@ -46,15 +37,6 @@ def flops_per_image(config: vit.ViTConfig, image_size: int, backward: bool) -> f
   return float(cost["flops"])
 
 
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
-
-
 def measure(arch: str, image_size: int, batch: int, dtype: str, remat: bool, unroll: bool,
             repeats: int) -> dict:
   config = vit.get_config(arch, dtype=dtype, remat=remat)
@@ -64,8 +46,8 @@ def measure(arch: str, image_size: int, batch: int, dtype: str, remat: bool, unr
   images = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3))
   forward = jax.jit(vit.forward, static_argnums=2)
   train = jax.jit(jax.value_and_grad(_loss), static_argnums=2)
-  forward_s = _time(forward, params, images, config, repeats=repeats)
-  train_s = _time(train, params, images, config, repeats=repeats)
+  forward_s = throughput.seconds_per_call(forward, (params, images, config), repeats)
+  train_s = throughput.seconds_per_call(train, (params, images, config), repeats)
   memory = train.lower(params, images, config).compile().memory_analysis()
   device = jax.devices()[0]
   fwd_flops = flops_per_image(config, image_size, backward=False)
@@ -82,7 +64,7 @@ def measure(arch: str, image_size: int, batch: int, dtype: str, remat: bool, unr
       # Activations and other temporaries of one fwd+bwd step, from XLA's buffer assignment.
       "train_temp_memory_gib": memory.temp_size_in_bytes / 2**30 if memory else None,
   }
-  peak = _peak(device)
+  peak = report.peak_flops(device)
   if peak:
     row["train_mfu_vs_bf16_peak"] = train_flops * batch / train_s / peak
   return row

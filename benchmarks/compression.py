@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import jax
 import numpy as np
 
-from benchmarks import sweep, tables
+from benchmarks import report, sweep, tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
 from smat.models import vit
@@ -107,12 +106,11 @@ def main(argv=None) -> int:
       json.dump({"args": vars(args), "points": points, "seconds": seconds,
                  "device": jax.devices()[0].device_kind,
                  "software": evaluate.software_versions()}, f, indent=1)
-    lines = [f"<!-- python -m benchmarks.compression {' '.join(argv or sys.argv[1:])}\n"
-             f"machine: {platform.node()} ({os.cpu_count()} CPUs, {jax.devices()[0].device_kind}"
-             f"), date: {time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min (all "
-             f"invocations); zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} "
-             f"episodes per domain, seed {args.seed}; forward of {args.batch} images at "
-             f"{image_size} px -->", "",
+    lines = [report.provenance(
+                 "compression", argv, f"wall time {seconds / 60:.1f} min (all invocations); "
+                 f"zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
+                 f"domain, seed {args.seed}; forward of {args.batch} images at {image_size} px"),
+             "",
              "| target s | rates | heads kept | channels kept | params removed (prunable / all) "
              "| val fitness | ID | OOD | forward ms (pruned / unpruned) | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import throughput
+from benchmarks import report, throughput
 from smat.meta import experts, gates
 from smat.models import vit
 
@@ -103,9 +100,8 @@ def measure(arch: str, experts_: int, tasks: int, repeats: int, noise: float,
   return points
 
 
-def markdown(points: list[dict], argv: list[str], device: str) -> str:
-  lines = [f"<!-- python -m benchmarks.gates {' '.join(argv)}\nmachine: {platform.node()} "
-           f"({os.cpu_count()} CPUs, {device}), date: {time.strftime('%Y-%m-%d')} -->", "",
+def markdown(points: list[dict], argv: list[str]) -> str:
+  lines = [report.provenance("gates", argv), "",
            "| arch | M | tasks | implementation | ms / meta-batch | temp GiB | fused ÷ sampled "
            "time | gradient difference |", "|" + "---|" * 8]
   sampled = {(p["arch"], p["experts"]): p for p in points if p["implementation"] == "sampled"}
@@ -146,7 +142,7 @@ def main(argv=None) -> int:
       with open(args.out + ".json", "w") as f:
         json.dump({"args": vars(args), "device": device, "points": points}, f, indent=1)
       with open(args.out + ".md", "w") as f:
-        f.write(markdown(points, argv, device))
+        f.write(markdown(points, argv))
   return 0
 
 

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 
 import jax
 
-from benchmarks import throughput
+from benchmarks import report, throughput
 from smat import config as config_lib
 from smat import plots
 
@@ -88,8 +86,7 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
       json.dump({"args": vars(args), "overrides": overrides, "device": device,
                  "points": points}, f, indent=1)
-    lines = [f"<!-- python -m benchmarks.scaling {' '.join(argv)}\nmachine: {platform.node()} "
-             f"({os.cpu_count()} CPUs, {device}), date: {time.strftime('%Y-%m-%d')} -->", "",
+    lines = [report.provenance("scaling", argv), "",
              "| axis | value | s / task | plain s / task | step ÷ plain | GFLOP / task "
              "| overhead ratio | step temp GiB | peak GiB |", "|" + "---|" * 9]
     gib = lambda x: "—" if x is None else f"{x:.3f}"

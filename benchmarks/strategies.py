@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
-from benchmarks import sweep, tables
+from benchmarks import report, sweep, tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
 from smat.meta import experts
@@ -82,11 +81,10 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
       json.dump({"args": vars(args), "cells": cells, "searches": searches, "density": densities,
                  "seconds": seconds, "software": evaluate.software_versions()}, f, indent=1)
-    parts = [f"<!-- python -m benchmarks.strategies {' '.join(argv or sys.argv[1:])}\n"
-             f"machine: {platform.node()} ({os.cpu_count()} CPUs), date: "
-             f"{time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min (all invocations); "
-             f"zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
-             f"domain, seed {args.seed} -->"]
+    parts = [report.provenance(
+        "strategies", argv, f"wall time {seconds / 60:.1f} min (all invocations); zero-shot "
+        f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per domain, "
+        f"seed {args.seed}")]
     panels = {}  # density figure: one panel per τ, one bar per strategy
     for tau in args.taus.split(","):
       names = [n for n in cells if n.endswith(f"τ={tau}")]

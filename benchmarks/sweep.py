@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
-from benchmarks import tables
+from benchmarks import report, tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
 from smat.data import spec as spec_lib
@@ -123,10 +122,9 @@ def _write(args, argv, points: list, seconds: float) -> None:
   with open(args.out + ".json", "w") as f:
     json.dump({"args": vars(args), "points": points, "seconds": seconds,
                "software": evaluate.software_versions()}, f, indent=1)
-  lines = [f"<!-- python -m benchmarks.sweep {' '.join(argv or sys.argv[1:])}",
-           f"machine: {platform.node()} ({os.cpu_count()} CPUs), date: "
-           f"{time.strftime('%Y-%m-%d')}, wall time {seconds / 60:.1f} min; zero-shot "
-           f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per domain -->", "",
+  lines = [report.provenance("sweep", argv, f"wall time {seconds / 60:.1f} min; zero-shot "
+                            f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
+                            "domain"), "",
            "| τ | M | measured sparsity | ID avg | OOD avg | best val |",
            "|---|---|---|---|---|---|"]
   for p in sorted(points, key=lambda p: (p["experts"], p["tau"])):

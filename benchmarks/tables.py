@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
+from benchmarks import report
 from smat import evaluate, fewshot, finetune, metatrain
 from smat.data import spec as spec_lib
 from smat.data.samplers import FixedSampler
@@ -179,16 +179,15 @@ def main(argv=None) -> int:
 
   def write():
     tuned = [m for m in modes if m != "zero-shot"]
-    header = (f"<!-- python -m benchmarks.tables {' '.join(argv or sys.argv[1:])}\n"
-              f"machine: {platform.node()} ({platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs), date: {time.strftime('%Y-%m-%d')}, wall time "
-              f"{(elapsed + time.time() - start) / 60:.1f} min (all invocations)\n"
-              f"{args.ways}-way {args.shots}-shot {args.queries}-query; zero-shot "
-              f"{args.episodes} episodes per cell"
-              + (f", fine-tuned ({', '.join(tuned)}) {args.finetune_episodes}; {ft.steps} "
-                 f"steps, lr grid {list(ft.lrs)} searched per domain" if tuned else "")
-              + f"; the first {ft.search_episodes} episodes of every domain reserved (not "
-              f"reported); seed {args.seed} -->\n")
+    protocol = (f"{args.ways}-way {args.shots}-shot {args.queries}-query; zero-shot "
+                f"{args.episodes} episodes per cell"
+                + (f", fine-tuned ({', '.join(tuned)}) {args.finetune_episodes}; {ft.steps} "
+                   f"steps, lr grid {list(ft.lrs)} searched per domain" if tuned else "")
+                + f"; the first {ft.search_episodes} episodes of every domain reserved (not "
+                f"reported); seed {args.seed}")
+    header = report.provenance(
+        "tables", argv, f"wall time {(elapsed + time.time() - start) / 60:.1f} min (all "
+        "invocations)", protocol) + "\n"
     with open(path, "w") as f:
       json.dump({"args": vars(args), "finetune": ft.__dict__, "id": id_specs, "ood": ood_specs,
                  "cells": cells, "seconds": elapsed + time.time() - start,

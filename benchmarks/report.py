@@ -1,0 +1,30 @@
+"""What heads every results table: the command that wrote it, the machine and the date."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import jax
+
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device kind.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device) -> float | None:
+  """The card's dense bf16 peak (the denominator of MFU), or None where it is not known."""
+  kind = getattr(device, "device_kind", "")
+  return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+
+
+def provenance(module: str, argv: list[str] | None, *details: str) -> str:
+  """An HTML comment naming the command (`python -m benchmarks.<module> argv`), the machine, the
+  date and then `details` (wall time, protocol), so a table is never apart from how it was made."""
+  argv = sys.argv[1:] if argv is None else argv
+  machine = (f"{platform.node()} ({platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} CPUs, {jax.devices()[0].device_kind})")
+  lines = [f"python -m benchmarks.{module} {' '.join(argv)}",
+           f"machine: {machine}, date: {time.strftime('%Y-%m-%d')}", *details]
+  return "<!-- " + "\n".join(lines) + " -->"
