@@ -16,12 +16,15 @@ backbone's own speed. `--breakdown` also times each part of an expert method's s
 (router, gates and merge, inner step, student query pass, teachers, outer backward and update).
 `--evaluation full,lora` also measures meta-test episodes/s, zero-shot and fine-tuned.
 `--compile-episodes N` also streams N real variable-way episodes through the step and reports
-how many times it compiled.
+how many times it compiled. `--compile-only` compiles the step from shapes and reports its FLOPs
+and memory without running it, for configurations this machine could not hold. On a card whose
+peak is known (`report.PEAK_BF16`), `mfu` is the step's achieved FLOP/s ÷ that peak.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from smat import config as config_lib
 from smat import metatrain
 from smat.data import loader
@@ -88,43 +92,93 @@ def _peak_memory() -> float | None:
   return None if peak is None else peak / 2 ** 30
 
 
-def measure(config, ways: int, support: int, query: int, repeats: int,
-            random_backbone: str | None) -> dict:
+def _compile(config, ways: int, support: int, query: int, random_backbone: str | None,
+             abstract: bool = False):
+  """The compiled step and plain forward+backward on one synthetic meta-batch, their inputs and
+  the method's Hyper. `abstract` builds the state from shapes only (no M × |θ| values), so a
+  paper-scale step compiles on a machine that could not hold it."""
   theta_pre, vit_config = _backbone(config, random_backbone)
-  theta_pre, hp, optimizer, state = metatrain.setup(config, (theta_pre, vit_config))
-  count = config.data.meta_batch_size
-  episodes = jax.device_put(synthetic_episodes(count, ways, support, query,
+  if abstract:
+    parts = {}
+
+    def initial_state(theta):
+      _, parts["hp"], parts["optimizer"], state = metatrain.setup(config, (theta, vit_config))
+      return state
+
+    state = jax.eval_shape(initial_state, theta_pre)
+    hp, optimizer = parts["hp"], parts["optimizer"]
+  else:
+    theta_pre, hp, optimizer, state = metatrain.setup(config, (theta_pre, vit_config))
+  episodes = jax.device_put(synthetic_episodes(config.data.meta_batch_size, ways, support, query,
                                                config.data.image_size))
   rng = jax.random.key(2)
-  step = meta_step.jit_step(hp, optimizer)
+  lower = lambda hp_: meta_step.jit_step(hp_, optimizer).lower(state, episodes, rng, theta_pre)
   start = time.perf_counter()
-  compiled = step.lower(state, episodes, rng, theta_pre).compile()
+  compiled = lower(hp).compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
-  holder = {"state": state}
-
-  def run_step():
-    holder["state"], metrics = compiled(holder["state"], episodes, rng, theta_pre)
-    return metrics
-
-  seconds = seconds_per_call(run_step, (), repeats)
+  # XLA counts a loop's body once: the FLOPs of a chunked meta-batch are those of the same
+  # update unchunked (model FLOPs, without the recomputed forward).
+  counted = (lower(dataclasses.replace(hp, task_chunks=1)).compile() if hp.task_chunks > 1
+             else compiled)
   plain = jax.jit(jax.grad(_plain_loss), static_argnums=3)
   plain_compiled = plain.lower(theta_pre, episodes.support_images, episodes.query_images,
                                vit_config).compile()
-  plain_flops = _flops(plain_compiled)
-  plain_seconds = seconds_per_call(plain_compiled, (theta_pre, episodes.support_images,
-                                                    episodes.query_images), repeats)
-  achieved, plain_achieved = flops / seconds, plain_flops / plain_seconds
+  return {"step": compiled, "counted": counted, "plain": plain_compiled, "state": state,
+          "episodes": episodes, "rng": rng, "theta_pre": theta_pre, "hp": hp, "vit": vit_config,
+          "compile_seconds": compile_s}
+
+
+def _description(config, c: dict, ways: int, support: int, query: int,
+                 random_backbone: str | None) -> dict:
+  count = config.data.meta_batch_size
+  step_memory = c["step"].memory_analysis()
   return {
-      "method": hp.method, "arch": random_backbone or config.backbone.path,
-      "dtype": vit_config.dtype, "remat": vit_config.remat, "image_size": config.data.image_size,
+      "method": c["hp"].method, "arch": random_backbone or config.backbone.path,
+      "dtype": c["vit"].dtype, "remat": c["vit"].remat, "image_size": config.data.image_size,
       "tasks_per_step": count, "ways": ways, "support": support, "query": query,
-      "num_experts": hp.num_experts, "step_seconds": seconds, "tasks_per_s": count / seconds,
-      "flops_per_task": flops / count, "achieved_flops_per_s": achieved,
-      "plain_step_seconds": plain_seconds, "plain_flops_per_task": plain_flops / count,
+      "num_experts": c["hp"].num_experts, "task_chunks": c["hp"].task_chunks,
+      "flops_per_task": _flops(c["counted"]) / count,
+      "plain_flops_per_task": _flops(c["plain"]) / count,
+      "compile_seconds": c["compile_seconds"], "step_temp_gib": temp_memory_gib(c["step"]),
+      "step_argument_gib": getattr(step_memory, "argument_size_in_bytes", 0) / 2 ** 30,
+      "plain_temp_gib": temp_memory_gib(c["plain"]),
+  }
+
+
+def compile_only(config, ways: int, support: int, query: int,
+                 random_backbone: str | None) -> dict:
+  """FLOPs and memory of the compiled step without running it: what a paper-scale configuration
+  needs (arguments = θ_pre, state and episodes; temporaries from XLA's buffer assignment)."""
+  c = _compile(config, ways, support, query, random_backbone, abstract=True)
+  return _description(config, c, ways, support, query, random_backbone)
+
+
+def measure(config, ways: int, support: int, query: int, repeats: int,
+            random_backbone: str | None) -> dict:
+  c = _compile(config, ways, support, query, random_backbone)
+  result = _description(config, c, ways, support, query, random_backbone)
+  holder = {"state": c["state"]}
+
+  def run_step():
+    holder["state"], metrics = c["step"](holder["state"], c["episodes"], c["rng"],
+                                         c["theta_pre"])
+    return metrics
+
+  seconds = seconds_per_call(run_step, (), repeats)
+  plain_seconds = seconds_per_call(c["plain"], (c["theta_pre"], c["episodes"].support_images,
+                                                c["episodes"].query_images), repeats)
+  count = config.data.meta_batch_size
+  achieved = result["flops_per_task"] * count / seconds
+  plain_achieved = result["plain_flops_per_task"] * count / plain_seconds
+  peak = report.peak_flops(jax.devices()[0])
+  return {
+      **result, "step_seconds": seconds, "tasks_per_s": count / seconds,
+      "achieved_flops_per_s": achieved, "plain_step_seconds": plain_seconds,
       "plain_achieved_flops_per_s": plain_achieved, "overhead_ratio": achieved / plain_achieved,
-      "time_ratio": seconds / plain_seconds, "compile_seconds": compile_s,
-      "peak_memory_gib": _peak_memory(), "step_temp_gib": temp_memory_gib(compiled),
+      "time_ratio": seconds / plain_seconds, "peak_memory_gib": _peak_memory(),
+      # Model FLOP utilisation: achieved ÷ the card's dense bf16 peak, where the card is known.
+      "mfu": achieved / peak if peak else None,
+      "plain_mfu": plain_achieved / peak if peak else None,
   }
 
 
@@ -205,8 +259,8 @@ def evaluation(config, ways: int, support: int, query: int, repeats: int,
   episodes = jax.device_put(synthetic_episodes(batch, ways, support, query,
                                                config.data.image_size))
   zero_shot = jax.jit(meta_step.zero_shot_batch, static_argnames="hp")
-  seconds = seconds_per_call(lambda: zero_shot(state.params, state.router_state, episodes, theta_pre,
-                                    temp, hp=hp), (), repeats)
+  seconds = seconds_per_call(lambda: zero_shot(state.params, state.router_state, episodes,
+                                               theta_pre, temp, hp=hp), (), repeats)
   result = {"zero_shot_episodes_per_s": batch / seconds}
   one = jax.tree.map(lambda x: x[:1], episodes)
   model = finetune.TaskModel(theta_pre, state.params, state.router_state, temp)
@@ -263,24 +317,28 @@ def main(argv=None) -> None:
   parser.add_argument("--evaluation", default=None, metavar="MODE,...",
                       help="also meta-test episodes/s: zero-shot and fine-tuned by these "
                            "adapters (e.g. full,lora)")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="FLOPs and memory of the compiled step, without running it (for "
+                           "configurations past this machine's memory)")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time each part of an expert method's step alone")
   args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
   config = config_lib.load(args.config, overrides)
   d = config.data
   ways = args.ways or d.ways
-  result = measure(config, ways, args.support or ways * d.shots, args.query or ways * d.queries,
-                   args.repeats, args.random_backbone)
+  support, query = args.support or ways * d.shots, args.query or ways * d.queries
+  if args.compile_only:
+    result = compile_only(config, ways, support, query, args.random_backbone)
+  else:
+    result = measure(config, ways, support, query, args.repeats, args.random_backbone)
   result.update(device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
                 platform=platform.platform(), config=args.config, overrides=overrides,
                 date=time.strftime("%Y-%m-%d"))
   if args.breakdown:
-    result["breakdown"] = breakdown(config, ways, args.support or ways * d.shots,
-                                    args.query or ways * d.queries, args.repeats,
+    result["breakdown"] = breakdown(config, ways, support, query, args.repeats,
                                     args.random_backbone)
   if args.evaluation:
-    result["evaluation"] = evaluation(config, ways, args.support or ways * d.shots,
-                                      args.query or ways * d.queries, args.repeats,
+    result["evaluation"] = evaluation(config, ways, support, query, args.repeats,
                                       args.random_backbone, tuple(args.evaluation.split(",")))
   if args.compile_episodes:
     result["compile_count"] = compile_count(config, args.compile_episodes)
@@ -289,8 +347,10 @@ def main(argv=None) -> None:
     result["compiles"] = 1
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
-  keys = ("method", "tasks_per_s", "flops_per_task", "achieved_flops_per_s",
-          "plain_achieved_flops_per_s", "overhead_ratio", "time_ratio", "compiles")
+  keys = (("method", "flops_per_task", "plain_flops_per_task", "step_argument_gib",
+           "step_temp_gib", "plain_temp_gib", "compile_seconds") if args.compile_only else
+          ("method", "tasks_per_s", "flops_per_task", "achieved_flops_per_s",
+           "plain_achieved_flops_per_s", "overhead_ratio", "time_ratio", "compiles"))
   print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
   print("| " + " | ".join(fmt(result[k]) for k in keys) + " |")

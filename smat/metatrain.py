@@ -60,8 +60,8 @@ def mask_strategy(config):
     raise SmatError(f"experts.masks={e.masks!r}: {err}") from None
 
 
-def hyper(config, vit_config) -> tasks.Hyper:
-  """The static hyper-parameters of the task loss from a config."""
+def hyper(config, vit_config, devices: int = 1) -> tasks.Hyper:
+  """The static hyper-parameters of the task loss from a config, for a step over `devices`."""
   e, t, r = config.experts, config.teacher, config.router
   return tasks.Hyper(
       method=config.method, vit=vit_config, num_experts=e.num_experts,
@@ -69,7 +69,22 @@ def hyper(config, vit_config) -> tasks.Hyper:
       teacher_lr=t.lr, kd_temperature=t.temperature, kd_direction=t.direction,
       ce_weight=1.0 - t.weight, kd_weight=t.weight, router_logit_weight=r.logit_weight,
       temperature_start=r.temperature_start, temperature_floor=r.temperature_floor,
-      temperature_decay_tasks=r.temperature_decay_tasks, mask_strategy=mask_strategy(config))
+      temperature_decay_tasks=r.temperature_decay_tasks, mask_strategy=mask_strategy(config),
+      task_chunks=task_chunks(config, devices))
+
+
+def task_chunks(config, devices: int = 1) -> int:
+  """How many sequential chunks each device's share of the meta-batch runs in, so that it runs
+  `train.tasks_at_once` tasks at a time (0: its whole share at once)."""
+  share = config.data.meta_batch_size // devices
+  at_once = config.train.tasks_at_once or share
+  if at_once < 0 or share % at_once:
+    raise SmatError(
+        f"config field train.tasks_at_once={config.train.tasks_at_once}: each of the {devices} "
+        f"device(s) runs {share} of data.meta_batch_size={config.data.meta_batch_size} tasks, "
+        f"which do not split into chunks of {at_once}; pick a divisor of {share} (0 runs them "
+        "all at once)")
+  return share // at_once
 
 
 def schedule_steps(config) -> tuple[int, int, int]:
@@ -157,14 +172,14 @@ def _fields(state: meta_step.MetaState) -> dict:
   return fields
 
 
-def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None):
+def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None, devices: int = 1):
   """θ_pre, Hyper, optimiser and the initial state of a config (images of another size than
-  the backbone's run with resampled position embeddings).
+  the backbone's run with resampled position embeddings), for a step over `devices`.
 
   `backbone` = (θ_pre, ViTConfig) replaces the one `config.backbone` names.
   """
   theta_pre, vit_config = backbone or checkpoint.load_from_config(config.backbone)
-  hp = hyper(config, vit_config)
+  hp = hyper(config, vit_config, devices)
   _, total, warmup = schedule_steps(config)
   optimizer = meta_step.make_optimizer(config.optim, total, warmup,
                                        masks=hp.mask_strategy is not None)
@@ -223,12 +238,12 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   if training.is_primary():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(saved.to_json_best_effort(indent=1))
-  theta_pre, hp, optimizer, state = setup(config)
-  per_epoch, total, warmup = schedule_steps(config)
-  delta_lr = meta_step.delta_schedule(config.optim, total, warmup)
   mesh = training.data_mesh()
   batch_size = config.data.meta_batch_size
   training.check_divisible(batch_size, "data.meta_batch_size", mesh)
+  theta_pre, hp, optimizer, state = setup(config, devices=mesh.size)
+  per_epoch, total, warmup = schedule_steps(config)
+  delta_lr = meta_step.delta_schedule(config.optim, total, warmup)
   replicated, sharded = training.shardings(mesh)
   step_fn = meta_step.jit_step(hp, optimizer, replicated)
   theta_pre = training.replicate(theta_pre, replicated)

@@ -344,6 +344,24 @@ def test_fused_gates_keep_less_memory_and_the_same_gradients_on_a_vit_tree():
   assert fused["temp_gib"] < 0.6 * sampled["temp_gib"]
 
 
+def test_compile_only_compiles_the_step_that_runs():
+  """`benchmarks.throughput --compile-only` builds the state from shapes alone: its compiled step
+  must be the one a real state compiles to (same FLOPs, arguments and temporaries), or the
+  paper-scale memory table would describe another program."""
+  from benchmarks import throughput
+  from smat import config as config_lib
+
+  config = config_lib.load("configs/smat_glyphs.py:smoke", [])
+  abstract = throughput.compile_only(config, 3, 3, 6, "vit_mini_p4")
+  concrete = throughput._description(
+      config, throughput._compile(config, 3, 3, 6, "vit_mini_p4"), 3, 3, 6, "vit_mini_p4")
+  for key in ("flops_per_task", "plain_flops_per_task", "step_argument_gib", "step_temp_gib",
+              "plain_temp_gib"):
+    assert abstract[key] == pytest.approx(concrete[key], rel=1e-6), key
+  assert abstract["flops_per_task"] > abstract["plain_flops_per_task"] > 0
+  assert abstract["num_experts"] == 2 and abstract["step_argument_gib"] > 0
+
+
 def test_soft_merge_by_hand():
   params, _ = _toy_params()
   deltas = random_like(jax.random.key(1), jax.tree.map(lambda p: jnp.zeros((M,) + p.shape),
@@ -828,6 +846,31 @@ def test_meta_train_step(method):
   assert float(summary["finite"]) == 1.0 and int(state.bad_step) == 1 and int(state.step) == 4
   assert _changed(state.params["delta"], before.params["delta"])
   assert float(summary["temperature"]) == pytest.approx(5.0 - int(before.tasks_seen) / 4000)
+
+
+@pytest.mark.parametrize("method", ["smat", "pmf"])
+def test_task_chunks_give_the_loss_and_gradients_of_all_tasks_at_once(method):
+  """`train.task_chunks`: the meta-batch of 4 tasks run in 2 or 4 sequential chunks (each
+  recomputed in the backward pass) gives the loss, metrics and gradients of running the 4 at
+  once: chunking changes memory, never the update."""
+  state = _initial_state(method)
+  batch, theta = meta_batch((1, 2, 3, 4)), theta_pre()
+  keys = step._task_keys(jax.random.key(23), 4)
+
+  def loss_and_grads(chunks):
+    hp = hyper(method, task_chunks=chunks)
+    fn = jax.value_and_grad(step._loss, has_aux=True)
+    return cheap_jit(lambda p: fn(p, None, state.router_state, theta, batch, keys,
+                                  hp.temperature(0), hp))(state.params)
+
+  (loss, (metrics, _)), grads = loss_and_grads(1)
+  for chunks in (2, 4):
+    (chunked_loss, (chunked_metrics, _)), chunked_grads = loss_and_grads(chunks)
+    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-6)
+    assert tree_max_diff(chunked_metrics, metrics) < 1e-5  # per task, in task order
+    for group in grads:
+      scale = max(max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads[group])), 1e-12)
+      assert tree_max_diff(chunked_grads[group], grads[group]) < 1e-4 * scale, (chunks, group)
 
 
 def test_meta_train_step_keeps_lambda_of_a_sparse_expert_at_zero():

@@ -327,6 +327,23 @@ def test_two_checkpoint_managers_save_together_on_two_processes(tmp_path):
   assert _steps(tmp_path / "checkpoints") == _steps(tmp_path / "best") == [20]
 
 
+def test_tasks_at_once_split_every_devices_share_into_chunks():
+  """`train.tasks_at_once` sets the chunks of each device's share of the meta-batch; one that
+  does not divide the share is an error naming the field and what to pick."""
+  def chunks(tasks, at_once, devices):
+    config = config_lib.load(SMAT, [f"--config.data.meta_batch_size={tasks}",
+                                    f"--config.train.tasks_at_once={at_once}"])
+    return metatrain.task_chunks(config, devices)
+
+  assert chunks(8, 0, 1) == 1 and chunks(8, 0, 4) == 1
+  assert chunks(8, 1, 1) == 8 and chunks(8, 1, 4) == 2 and chunks(8, 2, 2) == 2
+  with pytest.raises(SmatError, match=r"train\.tasks_at_once=3: each of the 1 device\(s\) runs "
+                                      r"4 of data\.meta_batch_size=4 .* divisor of 4"):
+    chunks(4, 3, 1)
+  with pytest.raises(SmatError, match=r"runs 2 of .* divisor of 2"):
+    chunks(4, 4, 2)
+
+
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(shared, overrides, backbone,
                                                                   tmp_path):
   # Resume from the shared run's epoch-1 checkpoint with θ_pre × 1e30: finite weights whose

@@ -100,6 +100,10 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.train.episodes_per_epoch = 2000
   c.train.log_every = 50
   c.train.keep_checkpoints = 2
+  # Tasks each device runs at a time (0: its whole share of the meta-batch). Fewer run in
+  # sequential chunks, each recomputed in the backward pass: activation memory ÷ chunks for one
+  # more forward; the update is the same.
+  c.train.tasks_at_once = 0
 
   c.val = ml_collections.ConfigDict()
   c.val.episodes = 200  # fixed validation episodes, zero-shot after every epoch

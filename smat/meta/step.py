@@ -109,18 +109,34 @@ def _task_keys(key: jax.Array, count: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
 
 
+def over_tasks(task_fn, episodes, keys, chunks: int = 1):
+  """task_fn(episode, key) over the meta-batch's task axis: vmapped at once (chunks = 1), or in
+  `chunks` sequential steps, each vmapped over every chunks-th task and recomputed in the
+  backward pass, so one step's activations are live at a time. Strided chunks keep a task axis
+  split over devices split: every device runs its own tasks in every step."""
+  if chunks == 1:
+    return jax.vmap(task_fn)(episodes, keys)
+  to_chunks = lambda x: jnp.swapaxes(x.reshape(-1, chunks, *x.shape[1:]), 0, 1)
+  from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+  chunk_fn = jax.checkpoint(jax.vmap(task_fn))
+  out = jax.lax.map(lambda xs: chunk_fn(*xs), jax.tree.map(to_chunks, (episodes, keys)))
+  return jax.tree.map(from_chunks, out)
+
+
 def _loss(params, probe, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
   """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics). `probe`: zeros
   [M, *P] whose gradient is each expert's share of ∂L/∂δ (gradient-scored mask strategies),
   else None."""
   theta_pre = jax.lax.stop_gradient(theta_pre)  # frozen: exactly zero gradient
   if hp.method == "pmf":
-    losses, metrics = jax.vmap(tasks.protonet_loss, (None, None, 0, None))(
-        params, theta_pre, episodes, hp)
+    losses, metrics = over_tasks(
+        lambda episode, _: tasks.protonet_loss(params, theta_pre, episode, hp), episodes, keys,
+        hp.task_chunks)
     return losses.mean(), (metrics, {})
   router_params = router.spectral_normalize(params["router"], router_state)
-  losses, metrics = jax.vmap(tasks.expert_loss, (None, None, None, 0, 0, None, None, None))(
-      params, theta_pre, router_params, episodes, keys, temp, hp, probe)
+  losses, metrics = over_tasks(
+      lambda episode, key: tasks.expert_loss(params, theta_pre, router_params, episode, key,
+                                             temp, hp, probe), episodes, keys, hp.task_chunks)
   loss, batch = losses.mean(), {}
   if "gates" in params:
     tau = hp.target_sparsity

@@ -46,6 +46,9 @@ class Hyper:
   # A `smat.sparsity` strategy giving the experts' masks in place of learned gates (None: SMAT's
   # hard-concrete gates). Its masks live in the trainable tree as `masks` [M, *P], never trained.
   mask_strategy: object = None
+  # The meta-batch runs in this many sequential chunks of tasks, each recomputed in the backward
+  # pass: activation memory ÷ chunks for one more forward. 1: every task at once (fastest).
+  task_chunks: int = 1
 
   def __post_init__(self):
     if self.method not in METHODS:
