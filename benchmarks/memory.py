@@ -44,8 +44,7 @@ def markdown(points: list[dict], argv: list[str]) -> str:
   lines = [report.provenance("memory", argv), "",
            "| arch | px | dtype | remat | M | tasks | tasks at once "
            "| episode ways×support×query | TFLOP / task (plain) | arguments GiB | step temp GiB "
-           "| total GiB "
-           "| plain temp GiB | compile s |", "|" + "---|" * 14]
+           "| total GiB | plain temp GiB | compile s |", "|" + "---|" * 14]
   for p in points:
     lines.append(
         f"| {p['arch']} | {p['image_size']} | {p['dtype']} | {p['remat']} | {p['num_experts']} "
