@@ -40,17 +40,6 @@ def train_point(config_path: str, overrides: list[str], workdir: str, tau: float
   return metatrain.train_and_evaluate(config, workdir)
 
 
-def measured_sparsity(workdir: str) -> float | None:
-  """Mean expert sparsity of the run's last logged step (sampled training gates)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  last = None
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      last = row.get("mean_expert_sparsity", last)
-  return last
-
-
 def add_evaluation_args(parser) -> None:
   """The zero-shot evaluation every point gets: ID and OOD specs, episodes, shape, seed."""
   parser.add_argument("--id", default="glyphs:id", metavar="SPEC,...")
@@ -105,10 +94,13 @@ def main(argv=None) -> int:
     results = evaluate.evaluate_domains(run, groups, sampler, tables.run_image_size(workdir),
                                         args.episodes, args.seed)
     mean = lambda specs, key: float(np.mean([results[s][key] for s in specs]))
+    sparsity = run.sparsity() or {}
     points.append({"tau": tau, "experts": experts, "workdir": workdir,
                    "id": mean(id_specs, "accuracy"), "id_ci": mean(id_specs, "ci95"),
                    "ood": mean(ood_specs, "accuracy"), "ood_ci": mean(ood_specs, "ci95"),
-                   "domains": results, "measured_sparsity": measured_sparsity(workdir),
+                   "domains": results,
+                   "deployed_sparsity": _mean(sparsity.get("deployed")),
+                   "sampled_sparsity": _mean(sparsity.get("sampled")),
                    "best_val": (summary.get("best") or {}).get("val_accuracy"),
                    "train_seconds": train_s})
     print(f"τ={tau:g} M={experts}: ID {points[-1]['id']:.2f}  OOD {points[-1]['ood']:.2f}",
@@ -118,6 +110,14 @@ def main(argv=None) -> int:
   return 0
 
 
+def _mean(values) -> float | None:
+  return None if values is None else float(np.mean(values))
+
+
+def _cell(value) -> str:
+  return "—" if value is None else f"{value:.3f}"
+
+
 def _write(args, argv, points: list, seconds: float) -> None:
   with open(args.out + ".json", "w") as f:
     json.dump({"args": vars(args), "points": points, "seconds": seconds,
@@ -125,12 +125,11 @@ def _write(args, argv, points: list, seconds: float) -> None:
   lines = [report.provenance("sweep", argv, f"wall time {seconds / 60:.1f} min; zero-shot "
                             f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
                             "domain"), "",
-           "| τ | M | measured sparsity | ID avg | OOD avg | best val |",
-           "|---|---|---|---|---|---|"]
+           "| τ | M | deployed sparsity | sampled sparsity | ID avg | OOD avg | best val |",
+           "|---|---|---|---|---|---|---|"]
   for p in sorted(points, key=lambda p: (p["experts"], p["tau"])):
-    sparsity = p["measured_sparsity"]
-    lines.append(f"| {p['tau']:g} | {p['experts']} | "
-                 f"{'—' if sparsity is None else f'{sparsity:.3f}'} | "
+    lines.append(f"| {p['tau']:g} | {p['experts']} | {_cell(p.get('deployed_sparsity'))} | "
+                 f"{_cell(p.get('sampled_sparsity'))} | "
                  f"{p['id']:.2f} ± {p['id_ci']:.2f} | {p['ood']:.2f} ± {p['ood_ci']:.2f} | "
                  f"{p['best_val'] if p['best_val'] is None else round(p['best_val'], 2)} |")
   with open(args.out + ".md", "w") as f:

@@ -8,7 +8,7 @@
 25 epochs × 2000 Meta-Dataset episodes from the 8 training sources (TFDS `meta_dataset/*`
 builders under $TFDS_DATA_DIR), 4 tasks per update, M = 8, τ = 0.9; all constants as in
 ../smat.md. Paper (ID avg 8 MD sources / OOD avg 10 domains): SMAT 85.14 / 67.27 zero-shot.
-Variants: `:smoke`, `:reference` (the authors' near-deterministic gate noise).
+Variants: `:smoke`, `:fullnoise` (training gates with u ~ U(0, 1) instead of the authors' 0.5 ± 1e-6).
 """
 
 from smat.meta import defaults

@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "SMAT's learned gates by a hand-designed mask strategy at the same τ.")
   meta.add_argument("--config", default="configs/smat_glyphs.py",
                     help="config file[:variant] (default: configs/smat_glyphs.py; variants "
-                         "smoke, reference)")
+                         "smoke, fullnoise)")
   meta.add_argument("--workdir", required=True, help="checkpoints and logs go here")
   _distributed_arg(meta)
   meta.set_defaults(run=_cmd_meta_train)

@@ -24,7 +24,8 @@ from smat import fewshot, sparsity, training
 from smat.data import loader
 from smat.errors import SmatError
 from smat.meta import step as meta_step
-from smat.meta import experts, tasks
+from smat.data import augment
+from smat.meta import experts, schedules, tasks
 from smat.models import checkpoint, vit
 
 EXPERT_METHODS = ("smat", "softmerge")
@@ -36,7 +37,7 @@ def mask_strategy(config):
   e, sp = config.experts, config.sparsity
   if e.masks == "learned" or config.method != "smat":
     return None
-  _, total, _ = schedule_steps(config)
+  _, total = schedule_steps(config)
   fields = {"density": 1.0 - e.target_sparsity,
             "exclude": experts.EMBEDDINGS if e.freeze_embeddings else ()}
   if e.masks in ("map", "influence", "selfpruner"):
@@ -70,7 +71,17 @@ def hyper(config, vit_config, devices: int = 1) -> tasks.Hyper:
       ce_weight=1.0 - t.weight, kd_weight=t.weight, router_logit_weight=r.logit_weight,
       temperature_start=r.temperature_start, temperature_floor=r.temperature_floor,
       temperature_decay_tasks=r.temperature_decay_tasks, mask_strategy=mask_strategy(config),
-      task_chunks=task_chunks(config, devices))
+      task_chunks=task_chunks(config, devices), augment=augment_config(config))
+
+
+def augment_config(config) -> augment.AugmentConfig | None:
+  """The meta-training augmentation of `config.augment` (None when it is off)."""
+  a = config.augment
+  if not a.enabled:
+    return None
+  return augment.AugmentConfig(crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
+                               brightness=a.brightness, contrast=a.contrast,
+                               saturation=a.saturation, flip_prob=a.flip_prob)
 
 
 def task_chunks(config, devices: int = 1) -> int:
@@ -87,10 +98,10 @@ def task_chunks(config, devices: int = 1) -> int:
   return share // at_once
 
 
-def schedule_steps(config) -> tuple[int, int, int]:
-  """(steps per epoch, total steps, warm-up steps)."""
+def schedule_steps(config) -> tuple[int, int]:
+  """(steps per epoch, total steps)."""
   per_epoch = max(config.train.episodes_per_epoch // config.data.meta_batch_size, 1)
-  return per_epoch, per_epoch * config.train.epochs, per_epoch * config.optim.warmup_epochs
+  return per_epoch, per_epoch * config.train.epochs
 
 
 _zero_shot = jax.jit(meta_step.zero_shot_batch, static_argnames="hp")  # one per (hp, shape)
@@ -115,6 +126,22 @@ class Run:
     acc, alpha = _zero_shot(self.params, self.router_state, episodes, self.theta_pre,
                             self.temperature, hp=self.hp)
     return np.asarray(acc), None if alpha is None else np.asarray(alpha)
+
+  def sparsity(self) -> dict[str, list[float]] | None:
+    """Each expert's sparsity: `deployed` (the deterministic masks meta-test uses, which τ
+    constrains), and for learned gates `sampled` (one draw of the training gates with the run's
+    noise) and `expected` (1 − E[L0]); None for methods without masks."""
+    params = self.params
+    if "masks" in params:
+      return {"deployed": np.asarray(experts.sparsity(params["masks"], self.theta_pre)).tolist()}
+    if "gates" not in params:
+      return None
+    sampled = experts.sample_masks(jax.random.key(0), params["gates"], self.hp.gate_noise)
+    return {"deployed": np.asarray(experts.deployed_sparsity(params["gates"],
+                                                             self.theta_pre)).tolist(),
+            "sampled": np.asarray(experts.sparsity(sampled, self.theta_pre)).tolist(),
+            "expected": (1.0 - np.asarray(experts.expected_l0(params["gates"],
+                                                              self.theta_pre))).tolist()}
 
   def dense_params(self) -> dict:
     """θ_pre + δ (PMF only: the one backbone every task shares)."""
@@ -180,8 +207,11 @@ def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None, devices: i
   """
   theta_pre, vit_config = backbone or checkpoint.load_from_config(config.backbone)
   hp = hyper(config, vit_config, devices)
-  _, total, warmup = schedule_steps(config)
-  optimizer = meta_step.make_optimizer(config.optim, total, warmup,
+  if config.optim.schedule not in schedules.SCHEDULES:
+    raise SmatError(f"config field optim.schedule={config.optim.schedule!r}: use one of "
+                    f"{', '.join(schedules.SCHEDULES)}")
+  per_epoch, total = schedule_steps(config)
+  optimizer = meta_step.make_optimizer(config.optim, per_epoch, total,
                                        masks=hp.mask_strategy is not None)
   key = jax.random.key(config.seed)
   params, router_state = meta_step.init_params(key, theta_pre, hp, config.experts.structured,
@@ -210,8 +240,9 @@ def load_run(workdir: str, which: str = "best") -> Run:
 def _host_metrics(metrics: dict, state) -> dict:
   out = training.to_host(metrics)
   out["tasks_seen"] = int(state.tasks_seen)
-  if "expert_sparsity" in out:
-    out["mean_expert_sparsity"] = float(np.mean(out["expert_sparsity"]))
+  for name in ("expert_sparsity", "sampled_sparsity", "expected_sparsity"):
+    if name in out:  # expert_sparsity: the deterministic (meta-test) masks, which τ constrains
+      out[f"mean_{name}"] = float(np.mean(out[name]))
   return out
 
 
@@ -242,8 +273,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   batch_size = config.data.meta_batch_size
   training.check_divisible(batch_size, "data.meta_batch_size", mesh)
   theta_pre, hp, optimizer, state = setup(config, devices=mesh.size)
-  per_epoch, total, warmup = schedule_steps(config)
-  delta_lr = meta_step.delta_schedule(config.optim, total, warmup)
+  per_epoch, total = schedule_steps(config)
+  lrs = schedules.group_schedules(config.optim, per_epoch, total)
   replicated, sharded = training.shardings(mesh)
   step_fn = meta_step.jit_step(hp, optimizer, replicated)
   theta_pre = training.replicate(theta_pre, replicated)
@@ -277,7 +308,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
         _check_finite(state, manager, workdir)
         now = time.perf_counter()
         scalars["tasks_per_s"] = (done - last_step) * batch_size / max(now - last_time, 1e-9)
-        scalars["delta_lr"] = float(delta_lr(done))
+        scalars.update({f"{g}_lr": float(lr(done - 1) if callable(lr) else lr)
+                        for g, lr in lrs.items() if g in state.params})
         last_time, last_step = now, done
         log.write(done, scalars)
         bar.set_postfix(_postfix(scalars))

@@ -25,8 +25,8 @@ PARAM_TYPES = ("attn/query", "attn/key", "attn/value", "attn/proj", "fc1", "fc2"
 def density_by_layer(gate_logits, theta_pre, expected: bool = False) -> dict[str, np.ndarray]:
   """{parameter type: [M, L] fraction of the type's entries in block l that expert k keeps}.
 
-  Kept = non-zero deterministic gate (what meta-test uses), or with `expected` the probability
-  that a training sample is non-zero (what the sparsity constraint controls). Types are the
+  Kept = non-zero deterministic gate (what meta-test uses, and what the sparsity budget τ
+  constrains), or with `expected` the probability that a training sample is non-zero. Types are the
   block modules of `PARAM_TYPES` (kernel and bias together); "embeddings" and "final norm"
   give [M, 1].
   """

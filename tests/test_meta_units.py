@@ -16,7 +16,8 @@ import optax
 import pytest
 
 from smat.data import episodes as episodes_lib
-from smat.meta import budget, defaults, experts, gates, router, step, tasks
+from smat.data import augment
+from smat.meta import budget, defaults, experts, gates, router, schedules, step, tasks
 from smat.models import vit
 
 CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=8)
@@ -623,23 +624,23 @@ def test_distillation_gradient_reaches_the_student_only(direction):
 
 
 @functools.cache
-def _loss_grad():
+def _loss_grad(hp):
   """value_and_grad of the smat meta-batch loss w.r.t. (params, θ_pre)."""
-  hp = hyper("smat")
   fn = lambda params, rs, th, eps, keys, temp: step._loss(params, None, rs, th, eps, keys, temp,
                                                          hp)
   return cheap_jit(jax.value_and_grad(fn, (0, 2), has_aux=True))
 
 
-def _run_loss_grad(params, router_state, batch, keys):
-  return jax.device_get(_loss_grad()(params, router_state, theta_pre(), batch, keys,
-                                     hyper().temperature(0)))
+def _run_loss_grad(params, router_state, batch, keys, hp=None):
+  hp = hp or hyper("smat")
+  return jax.device_get(_loss_grad(hp)(params, router_state, theta_pre(), batch, keys,
+                                       hp.temperature(0)))
 
 
 def test_meta_batch_loss_gradient_flow():
   hp = hyper("smat")
   params, router_state = smat_trainable()
-  (loss, (metrics, _)), (grads, _) = _run_loss_grad(
+  (loss, (metrics, batch)), (grads, _) = _run_loss_grad(
       params, router_state, meta_batch(), step._task_keys(jax.random.key(4), 2))
   assert np.isfinite(float(loss))
   for group in ("delta", "gates", "router", "lam"):
@@ -647,40 +648,67 @@ def test_meta_batch_loss_gradient_flow():
     assert tree_max_abs(grads[group]) > 0, group
   for name in ("keys", "skills", "qkv", "proj", "fc1", "fc2", "norm1"):  # every router part
     assert tree_max_abs(grads["router"][name]) > 0, name
-  # λ's gradient while every expert is denser than τ (≈ 17 % zero gates at init):
-  # exactly mean_t α_t,k (sparsity_t,k − τ) < 0, so descent raises λ.
-  sparsity, alpha = metrics["expert_sparsity"], metrics["alpha"]
+  # λ's gradient while every expert's deterministic mask is denser than τ (log α ~ N(0, 0.5²):
+  # no gate is below logit(1/12)): exactly ᾱ_k (sparsity_k − τ) < 0, so descent raises λ.
+  sparsity, alpha = batch["expert_sparsity"], metrics["alpha"].mean(0)
+  np.testing.assert_allclose(sparsity, jax.device_get(experts.sparsity(
+      experts.eval_masks(params["gates"]), theta_pre())), atol=1e-7)
   assert np.all(sparsity < hp.target_sparsity) and np.all(alpha > 0)
-  expected = (alpha * (sparsity - hp.target_sparsity)).mean(0)
-  np.testing.assert_allclose(grads["lam"], expected, rtol=1e-5)
+  np.testing.assert_allclose(grads["lam"], alpha * (sparsity - hp.target_sparsity), rtol=1e-5)
   assert np.all(grads["lam"] < 0)
+
+
+def test_lagrangian_measures_the_deterministic_masks_not_the_sampled_ones():
+  """Gates at log α = −2: a sampled gate (full noise) is non-zero with probability
+  σ(−2 + 1.599) ≈ 0.40, the deterministic one never (−2 < logit(1/12) ≈ −2.40 is false, so it
+  is non-zero: z = 1.2 σ(−2) − 0.1 ≈ 0.043). The budget must read the deployed masks: sparsity 0
+  and λ pushed up, whatever the sampled figure says."""
+  hp = hyper("smat", gate_noise=gates.FULL_NOISE)
+  params, router_state = smat_trainable()
+  params = {**params, "gates": jax.tree.map(lambda g: jnp.full_like(g, -2.0), params["gates"])}
+  (_, (metrics, batch)), (grads, _) = _run_loss_grad(
+      params, router_state, meta_batch(), step._task_keys(jax.random.key(4), 2), hp)
+  assert np.all(np.asarray(batch["expert_sparsity"]) == 0.0)
+  sampled = np.asarray(metrics["sampled_sparsity"])
+  assert np.all(sampled > 0.5)  # the sampled gates look sparse ...
+  alpha = metrics["alpha"].mean(0)
+  np.testing.assert_allclose(grads["lam"], alpha * (0.0 - hp.target_sparsity), rtol=1e-5)
+  # ... and at log α = −2.5 the deterministic gates are all 0 (sparsity 1 > τ: no pressure).
+  params = {**params, "gates": jax.tree.map(lambda g: jnp.full_like(g, -2.5), params["gates"])}
+  (_, (_, batch)), _ = _run_loss_grad(
+      params, router_state, meta_batch(), step._task_keys(jax.random.key(4), 2), hp)
+  assert np.all(np.asarray(batch["expert_sparsity"]) == 1.0)
 
 
 def test_theta_pre_gets_gradient_only_through_the_task_parameters():
   """θ_pre is frozen: the router's and the pre-trained teacher's uses of it are detached.
 
-  Both tasks of the meta-batch are the same episode with the same key, so they share one
-  merged mask m and ∂L/∂δ = m ⊙ ∂L/∂θ_task. If θ_pre is detached everywhere its gradient is
-  0; otherwise it can only be ∂L/∂θ_task, i.e. ∂L/∂δ = m ⊙ ∂L/∂θ_pre.
+  Checked on `tasks.expert_loss` itself (the step wraps θ_pre in stop_gradient, which would
+  hide a missing detachment). With θ_task = θ_pre + m ⊙ δ, ∂L/∂δ = m ⊙ ∂L/∂θ_task; if the
+  router and the θ_pre teacher are detached, ∂L/∂θ_pre is exactly ∂L/∂θ_task, so
+  ∂L/∂δ = m ⊙ ∂L/∂θ_pre. A gradient leaking through either adds a term that breaks it.
   """
   hp = hyper("smat")
   params, router_state = smat_trainable()
-  episode = make_episode(1)
-  key = jax.random.key(4)
-  (_, (metrics, _)), (grads, g_theta) = _run_loss_grad(
-      params, router_state, episodes_lib.stack([episode, episode]), jnp.stack([key, key]))
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g_theta))
-  if tree_max_abs(g_theta) == 0.0:
-    return
+  router_params = router.spectral_normalize(params["router"], router_state)
+  episode, key = make_episode(1), jax.random.key(4)
+
+  def loss(delta, theta):
+    return tasks.expert_loss({**params, "delta": delta}, theta, router_params, episode, key,
+                             hp.temperature(0), hp)
+
+  (_, metrics), (g_delta, g_theta) = jax.device_get(cheap_jit(
+      jax.value_and_grad(loss, (0, 1), has_aux=True))(params["delta"], theta_pre()))
+  assert tree_max_abs(g_theta) > 1e-3
 
   def through_task(gate_logits, alpha, g):
     _, k_gates = jax.random.split(key)  # as tasks.expert_loss splits it
     merged = experts.merge(alpha, experts.sample_masks(k_gates, gate_logits, hp.gate_noise))
     return jax.tree.map(lambda m, x: m * x, merged, g)
 
-  through_task = cheap_jit(through_task)(params["gates"], metrics["alpha"][0], g_theta)
-  assert tree_max_diff(grads["delta"], through_task) < 1e-5 * tree_max_abs(grads["delta"])
-  assert tree_max_abs(grads["delta"]) > 1e-3
+  expected = cheap_jit(through_task)(params["gates"], metrics["alpha"], g_theta)
+  assert tree_max_diff(g_delta, expected) < 1e-5 * tree_max_abs(g_delta)
+  assert tree_max_abs(g_delta) > 1e-3
 
 
 def test_lambda_gradient_once_every_expert_is_sparse():
@@ -690,11 +718,10 @@ def test_lambda_gradient_once_every_expert_is_sparse():
   params = {**params, "gates": sparse, "lam": jnp.ones((M,))}
   (_, (metrics, batch_metrics)), (grads, _) = _run_loss_grad(
       params, router_state, meta_batch(), step._task_keys(jax.random.key(4), 2))
-  sparsity, alpha = metrics["expert_sparsity"], metrics["alpha"]
+  sparsity, alpha = batch_metrics["expert_sparsity"], metrics["alpha"].mean(0)
   assert np.all(sparsity > hp.target_sparsity) and np.all(alpha > 0)
-  # L_lagr's gradient α (s − τ) > 0 (descent lowers λ; `reset` zeros it first in the step) ...
-  np.testing.assert_allclose(grads["lam"], (alpha * (sparsity - hp.target_sparsity)).mean(0),
-                             rtol=1e-5)
+  # L_lagr's gradient ᾱ (s − τ) > 0 (descent lowers λ; `reset` zeros it first in the step) ...
+  np.testing.assert_allclose(grads["lam"], alpha * (sparsity - hp.target_sparsity), rtol=1e-5)
   # ... and L_sparse uses the reset λ = 0, so it puts no pressure on the gates.
   assert float(batch_metrics["sparsity_loss"]) == 0.0
 
@@ -753,7 +780,9 @@ EXPECTED_GROUPS = {"smat": {"delta", "gates", "lam", "router"},
 def _train_step(method: str):
   """(hp, optimizer, meta_train_step jitted as `step.jit_step` does, without donation)."""
   hp = hyper(method)
-  optimizer = step.make_optimizer(defaults.base().optim, total_steps=100, warmup_steps=0)
+  optim = defaults.base().optim
+  optim.schedule, optim.warmup_epochs = "step", 0  # constant lr: each update reads off exactly
+  optimizer = step.make_optimizer(optim, steps_per_epoch=1, total_steps=100)
   return hp, optimizer, cheap_jit(functools.partial(step.meta_train_step, hp=hp,
                                                     optimizer=optimizer))
 
@@ -885,3 +914,67 @@ def test_meta_train_step_keeps_lambda_of_a_sparse_expert_at_zero():
   assert lam[0] == 0.0
   assert np.all(lam[1:] > 1.0)
   np.testing.assert_array_equal(np.asarray(summary["lam"]), lam)
+
+
+# ----------------------------------------------------------------------------- 11. the recipe
+
+
+def test_epoch_multiplier_is_the_authors_warmup_cosine_per_epoch():
+  """HF's cosine-with-warm-up at the epoch index, W = 5, H = 50: a 25-epoch run's last epoch
+  (index 24) runs at ½ (1 + cos(π · 19 / 45)) ≈ 0.621 of the peak; past the horizon it is 0."""
+  m = lambda e: float(schedules.epoch_multiplier(e, 5, 50))
+  assert [m(e) for e in range(6)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+  assert m(24) == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 45)), rel=1e-6)
+  assert m(24) == pytest.approx(0.621, abs=1e-3)
+  assert m(50) == pytest.approx(0.0, abs=1e-7) and m(70) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_epoch_schedule_steps_every_group_once_per_epoch():
+  """The update each group takes per step, for a unit gradient: epoch 0 runs δ, the gates and
+  λ at first_epoch_lr and the router at m(0) = 0; from then on lr × m(epoch), constant within
+  an epoch (2 steps here)."""
+  optim = defaults.base().optim
+  optim.delta_momentum, optim.delta_weight_decay, optim.gate_clip = 0.0, 0.0, 1e9
+  optimizer = step.make_optimizer(optim, steps_per_epoch=2, total_steps=20)
+  params = {g: jnp.zeros(()) for g in ("delta", "gates", "lam")}
+  params["router"] = {"w": jnp.zeros(())}
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state, seen = optimizer.init(params), []
+  for _ in range(8):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    seen.append({g: float(jax.tree.leaves(u)[0]) for g, u in updates.items()})
+  peaks = {"delta": optim.delta_lr, "gates": optim.gate_lr, "lam": optim.lambda_lr}
+  for i, update in enumerate(seen):
+    epoch = i // 2
+    m = float(schedules.epoch_multiplier(epoch, optim.warmup_epochs, optim.cosine_epochs))
+    for group, peak in peaks.items():
+      expected = optim.first_epoch_lr if epoch == 0 else peak * m
+      assert update[group] == pytest.approx(-expected, rel=1e-5), (i, group)
+    if epoch == 0:
+      assert update["router"] == 0.0
+    else:  # AdamW's first steps move by ≈ lr for a constant gradient
+      assert -update["router"] == pytest.approx(optim.router_lr * m, rel=2e-2), i
+
+
+def test_augmentation_draws_from_the_step_key_and_is_off_by_switch():
+  """PMF's loss has no other randomness: with augmentation two keys give two losses (and two
+  sets of images), without it the same loss; a padded batch augments its real images alike."""
+  episodes, theta = meta_batch(), theta_pre()
+  params = {"delta": experts.init_delta(theta)}
+  on, off = hyper("pmf", augment=augment.AugmentConfig(flip_prob=0.0)), hyper("pmf")
+  loss = {hp: [float(cheap_jit(functools.partial(
+      lambda keys, hp: step._loss(params, None, {}, theta, episodes, keys, 1.0, hp)[0],
+      hp=hp))(step._task_keys(jax.random.key(seed), 2))) for seed in (0, 1)] for hp in (on, off)}
+  assert loss[off][0] == loss[off][1]
+  assert loss[on][0] != loss[on][1]
+  assert abs(loss[on][0] - loss[off][0]) > 1e-4  # augmented images are not the loaded ones
+
+  episode = make_episode(3)
+  view = jax.jit(tasks.augmented, static_argnums=2)
+  a, b = view(episode, jax.random.key(0), on), view(episode, jax.random.key(1), on)
+  assert not np.allclose(np.asarray(a.support_images), np.asarray(b.support_images))
+  same = view(episode, jax.random.key(0), off)
+  np.testing.assert_array_equal(np.asarray(same.support_images), episode.support_images)
+  padded = view(episodes_lib.pad(episode, (5, 9, 8)), jax.random.key(0), on)
+  np.testing.assert_allclose(np.asarray(padded.support_images)[:6],
+                             np.asarray(a.support_images), atol=1e-6)

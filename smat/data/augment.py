@@ -82,6 +82,22 @@ def augment(key: jax.Array, images: jax.Array, config: AugmentConfig = AugmentCo
   return out.reshape(images.shape)
 
 
+def augment_each(key: jax.Array, images: jax.Array, config: AugmentConfig) -> jax.Array:
+  """Batch [N, H, W, 3] (uint8 or [0, 1] float) → augmented float in [0, 1], image i drawing
+  from fold_in(key, i): padding a batch leaves the real images' draws alone."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
+  floats = to_float(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
+  return jax.vmap(augment_image, in_axes=(0, 0, None))(keys, floats, config)
+
+
+def augment_episode(key: jax.Array, episode, config: AugmentConfig):
+  """A meta-training episode with its support and query images augmented independently
+  (P>M>F's recipe applies the training transform to every image of the episode)."""
+  k_support, k_query = jax.random.split(key)
+  return episode._replace(support_images=augment_each(k_support, episode.support_images, config),
+                          query_images=augment_each(k_query, episode.query_images, config))
+
+
 def _brightness_saturation_contrast(key: jax.Array, image: jax.Array) -> jax.Array:
   """DiffAugment colour on one normalised image: +U(−½, ½), saturation ×U(0, 2), contrast
   ×U(½, 1½) about the channel and the image mean."""

@@ -1,7 +1,9 @@
 """Per-expert sparsity control by a Lagrangian (one multiplier λ_k ≥ 0 per expert).
 
 With ᾱ_k the task-averaged, detached interpolation weight of expert k, measured sparsity
-sparsity_k (fraction of exactly-zero gates), expected L0 E[L0]_k and target τ:
+sparsity_k (fraction of exactly-zero gates of the deterministic masks meta-test uses, so the
+budget holds for the deployed model whatever the training noise), expected L0 E[L0]_k and
+target τ:
   L_sparse = Σ_k ᾱ_k · stopgrad(λ_k) · (τ − 1 + E[L0]_k)     trains the gates
   L_lagr   = Σ_k ᾱ_k · λ_k · (sparsity_k − τ)                moves λ
 Descending L_lagr in λ is gradient *ascent* on the violation τ − sparsity_k: λ grows while an

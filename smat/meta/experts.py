@@ -160,6 +160,12 @@ def sparsity(masks, params) -> jax.Array:
   return 1.0 - _per_expert_mean(masks, params, lambda z: z != 0)
 
 
+def deployed_sparsity(gate_logits, params) -> jax.Array:
+  """[M]: `sparsity` of the deterministic masks meta-test uses (a gate is 0 there iff
+  log_α ≤ logit(1/12) ≈ −2.40): the figure the budget controls and every table reports."""
+  return 1.0 - _per_expert_mean(gate_logits, params, lambda g: hc.deterministic(g) != 0)
+
+
 def merged_density(merged, params) -> jax.Array:
   """Fraction of backbone elements the task's merged mask m leaves non-zero."""
   nonzero = 0.0

@@ -6,7 +6,10 @@ A gate is a stretched, clipped binary-concrete variable with location log_α:
   z = clip(s · (ζ − γ) + γ, 0, 1)
 so z is exactly 0 or 1 with positive probability and differentiable in between.
 `noise_half_width` w = 0.5 is the paper's full U(0, 1); the authors' code draws u from
-0.5 ± 1e-6 (`REFERENCE_NOISE`), which makes training gates deterministic.
+0.5 ± 1e-6 (`REFERENCE_NOISE`, the default: it produced the paper's numbers), which makes
+training gates deterministic at temperature β — still not the evaluation gate: a gate is 0 in
+training iff log_α < β · logit(1/12) ≈ −1.60, at meta-test iff log_α < logit(1/12) ≈ −2.40.
+Whatever the noise, the sparsity budget is measured on `deterministic` (smat.meta.step).
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ Trainable state (θ_pre is an argument, never optimised or checkpointed):
   masks   the experts' masks [M, *P] from a mask strategy (smat with `hp.mask_strategy`, in
           place of gates and λ); the strategy's own state is `MetaState.sparsity`
 Optimiser groups (one `optax.multi_transform` from the top-level key):
-  delta   weight decay + SGD momentum, warm-up + cosine schedule
+  delta   weight decay + SGD momentum
   gates   global-norm clip + plain SGD (lr 1e6 drives gates to 0/1)
   lam     plain SGD on L_lagr (= ascent on the violation), no clipping
   router  global-norm clip + AdamW
   masks   none (set by the strategy after each step)
+each with its learning-rate schedule from `smat.meta.schedules`.
+The sparsity the Lagrangian controls is that of the deterministic masks meta-test uses
+(`experts.deployed_sparsity`, once per step), whatever the training gates' noise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from smat.meta import budget, experts, gates, router, tasks
+from smat.meta import budget, experts, gates, router, schedules, tasks
 
 
 class MetaState(NamedTuple):
@@ -37,25 +40,18 @@ class MetaState(NamedTuple):
   sparsity: object = ()  # per-expert state of the mask strategy [M, ...]; () without one
 
 
-def delta_schedule(optim, total_steps: int, warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up from `warmup_lr` to `delta_lr`, cosine decay to `min_lr` at the end."""
-  return optax.warmup_cosine_decay_schedule(
-      optim.warmup_lr, optim.delta_lr, warmup_steps, max(total_steps, warmup_steps + 1),
-      end_value=optim.min_lr)
-
-
-def make_optimizer(optim, total_steps: int, warmup_steps: int,
+def make_optimizer(optim, steps_per_epoch: int, total_steps: int,
                    masks: bool = False) -> optax.GradientTransformation:
-  """The four parameter groups of SMAT (a method uses the groups its state has), and with
-  `masks` the never-trained masks of a mask strategy."""
+  """The four parameter groups of SMAT with their `schedules.group_schedules` (a method uses
+  the groups its state has), and with `masks` the never-trained masks of a mask strategy."""
+  lr = schedules.group_schedules(optim, steps_per_epoch, total_steps)
   groups = {
       "delta": optax.chain(optax.add_decayed_weights(optim.delta_weight_decay),
-                           optax.sgd(delta_schedule(optim, total_steps, warmup_steps),
-                                     momentum=optim.delta_momentum or None)),
-      "gates": optax.chain(optax.clip_by_global_norm(optim.gate_clip), optax.sgd(optim.gate_lr)),
-      "lam": optax.sgd(optim.lambda_lr),
+                           optax.sgd(lr["delta"], momentum=optim.delta_momentum or None)),
+      "gates": optax.chain(optax.clip_by_global_norm(optim.gate_clip), optax.sgd(lr["gates"])),
+      "lam": optax.sgd(lr["lam"]),
       "router": optax.chain(optax.clip_by_global_norm(optim.router_clip),
-                            optax.adamw(optim.router_lr, weight_decay=optim.router_weight_decay)),
+                            optax.adamw(lr["router"], weight_decay=optim.router_weight_decay)),
   }
   if masks:
     groups["masks"] = optax.set_to_zero()
@@ -126,28 +122,32 @@ def over_tasks(task_fn, episodes, keys, chunks: int = 1):
 def _loss(params, probe, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
   """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics). `probe`: zeros
   [M, *P] whose gradient is each expert's share of ∂L/∂δ (gradient-scored mask strategies),
-  else None."""
+  else None. Each task's episode is augmented first when `hp.augment` says so."""
   theta_pre = jax.lax.stop_gradient(theta_pre)  # frozen: exactly zero gradient
   if hp.method == "pmf":
     losses, metrics = over_tasks(
-        lambda episode, _: tasks.protonet_loss(params, theta_pre, episode, hp), episodes, keys,
+        lambda episode, key: tasks.protonet_loss(
+            params, theta_pre, tasks.augmented(episode, key, hp), hp), episodes, keys,
         hp.task_chunks)
     return losses.mean(), (metrics, {})
   router_params = router.spectral_normalize(params["router"], router_state)
   losses, metrics = over_tasks(
-      lambda episode, key: tasks.expert_loss(params, theta_pre, router_params, episode, key,
-                                             temp, hp, probe), episodes, keys, hp.task_chunks)
+      lambda episode, key: tasks.expert_loss(params, theta_pre, router_params,
+                                             tasks.augmented(episode, key, hp), key, temp, hp,
+                                             probe), episodes, keys, hp.task_chunks)
   loss, batch = losses.mean(), {}
+  if "masks" in params:
+    batch["expert_sparsity"] = experts.sparsity(params["masks"], theta_pre)
   if "gates" in params:
-    tau = hp.target_sparsity
-    sparsity = metrics["expert_sparsity"].mean(0)
-    lam = budget.reset(params["lam"], sparsity, tau)
+    tau, alpha = hp.target_sparsity, metrics["alpha"].mean(0)
+    deployed = experts.deployed_sparsity(params["gates"], theta_pre)
+    lam = budget.reset(params["lam"], deployed, tau)
     expected_l0 = experts.expected_l0(params["gates"], theta_pre)
-    l_sparse = budget.sparsity_loss(metrics["alpha"].mean(0), lam, expected_l0, tau)
-    l_lagr = jax.vmap(budget.lagrangian, (0, None, 0, None))(
-        metrics["alpha"], params["lam"], metrics["expert_sparsity"], tau).mean()
+    l_sparse = budget.sparsity_loss(alpha, lam, expected_l0, tau)
+    l_lagr = budget.lagrangian(alpha, params["lam"], deployed, tau)
     loss = loss + l_sparse + l_lagr
-    batch = {"sparsity_loss": l_sparse, "lagrangian": l_lagr, "expected_l0": expected_l0}
+    batch = {"sparsity_loss": l_sparse, "lagrangian": l_lagr, "expert_sparsity": deployed,
+             "expected_sparsity": 1.0 - expected_l0}
   return loss, (metrics, batch)
 
 
@@ -182,8 +182,8 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   (loss, (metrics, batch)), (grads, expert_grads) = jax.value_and_grad(
       _loss, argnums=(0, 1), has_aux=True)(
           params, probe, router_state, theta_pre, episodes, keys, temp, hp)
-  if "lam" in params:  # reset λ of experts already sparser than τ, then step
-    params = {**params, "lam": budget.reset(params["lam"], metrics["expert_sparsity"].mean(0),
+  if "lam" in params:  # reset λ of experts whose deployed masks are sparser than τ, then step
+    params = {**params, "lam": budget.reset(params["lam"], batch["expert_sparsity"],
                                             hp.target_sparsity)}
   updates, opt_state = optimizer.update(grads, state.opt_state, params)
   new_params = optax.apply_updates(params, updates)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from smat import protonet
-from smat.data.augment import to_float
+from smat.data import augment
 from smat.meta import experts, gates, router
 from smat.models import vit
 
@@ -31,7 +31,10 @@ class Hyper:
   vit: vit.ViTConfig | None = None
   num_experts: int = 8
   target_sparsity: float = 0.9  # τ
-  gate_noise: float = gates.FULL_NOISE  # half width of u around 0.5
+  gate_noise: float = gates.REFERENCE_NOISE  # half width of u around 0.5 (the authors' 1e-6)
+  # Meta-training episodes' augmentation (random resized crop, colour jitter, flip), drawn on
+  # device from each task's key; None: the episodes as loaded.
+  augment: augment.AugmentConfig | None = None
   inner_lr: float = 1e-3
   teacher_lr: float = 5e-3
   kd_temperature: float = 2.0
@@ -63,7 +66,15 @@ class Hyper:
 
 def features(theta, images: jax.Array, config: vit.ViTConfig) -> jax.Array:
   """CLS features [N, D] of uint8 (or [0, 1] float) images."""
-  return vit.forward(theta, vit.preprocess(to_float(images), config), config)
+  return vit.forward(theta, vit.preprocess(images, config), config)
+
+
+def augmented(episode, key, hp: Hyper):
+  """The task's episode as meta-training sees it: augmented from its own stream of the task's
+  key (fold_in 1; the gates and router split the key itself), or unchanged without `augment`."""
+  if hp.augment is None:
+    return episode
+  return augment.augment_episode(jax.random.fold_in(key, 1), episode, hp.augment)
 
 
 def logits_of(f: jax.Array, head: jax.Array, class_mask: jax.Array, hp: Hyper) -> jax.Array:
@@ -135,8 +146,9 @@ def route(router_params, theta_pre, episode, hp: Hyper, temp, key=None):
 
 
 def task_params(trainable, theta_pre, alpha, hp: Hyper, key, probe=None):
-  """Training θ_task → (θ_task, per-expert measured sparsity [M] or None, merged mask density or
-  None); meta-test uses `zero_shot_task`.
+  """Training θ_task → (θ_task, per-expert sparsity of the *sampled* gates [M] or None, merged
+  mask density or None); meta-test uses `zero_shot_task`. (The sparsity the budget controls is
+  that of the deterministic masks, measured once per step in `smat.meta.step`.)
 
   SMAT samples its gates; with a mask strategy the masks are fixed inputs and θ_task =
   θ_pre + Σ_k α_k m_k ⊙ (δ + probe_k), where the zero `probe` [M, *P] exists only so that its
@@ -152,7 +164,7 @@ def task_params(trainable, theta_pre, alpha, hp: Hyper, key, probe=None):
     theta = jax.tree.map(lambda p, d, m: p + jnp.tensordot(alpha, m * d, axes=1),
                          theta_pre, delta, masks)
     merged = experts.merge(alpha, masks)
-    return theta, experts.sparsity(masks, theta_pre), experts.merged_density(merged, theta_pre)
+    return theta, None, experts.merged_density(merged, theta_pre)
   merged, sparsity = experts.sample_merged(key, trainable["gates"], alpha, theta_pre,
                                            hp.gate_noise)
   return (experts.interpolate(theta_pre, trainable["delta"], merged), sparsity,
@@ -163,7 +175,7 @@ def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyp
   """SMAT / SoftMerge loss of one task → (loss, metrics). `router_params` are normalised."""
   k_route, k_gates = jax.random.split(key)
   logits, alpha, protos_pre = route(router_params, theta_pre, episode, hp, temp, k_route)
-  theta, sparsity, density = task_params(trainable, theta_pre, alpha, hp, k_gates, probe)
+  theta, sampled_sparsity, density = task_params(trainable, theta_pre, alpha, hp, k_gates, probe)
   adapted, head, support_ce, support_acc = inner_step(theta, episode, hp)
   f_q, vjp_q = jax.vjp(lambda t: features(t, episode.query_images, hp.vit), adapted)
   student = logits_of(f_q, head, episode.class_mask, hp)
@@ -182,8 +194,10 @@ def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyp
       "pre_accuracy": protonet.accuracy(pre, episode.query_labels, episode.query_mask),
       "router_logit_penalty": logit_penalty, "alpha": sg(alpha), "router_logits": sg(logits),
   }
-  if sparsity is not None:
-    metrics.update(expert_sparsity=sparsity, merged_density=density)
+  if density is not None:
+    metrics["merged_density"] = density
+  if sampled_sparsity is not None:
+    metrics["sampled_sparsity"] = sampled_sparsity
   return loss, metrics
 
 
