@@ -7,7 +7,9 @@ trade-off (the paper's ID-vs-OOD figure).
 Each point is `smat meta-train` with experts.target_sparsity = τ and experts.num_experts = M
 (every other field from the config), then `evaluate_domains` zero-shot on the ID and OOD specs
 on the same episodes for every point. Finished runs and points are reused, so an interrupted
-sweep resumes. Writes OUT.json, OUT.md (command, machine, date, wall time in the header) and
+sweep resumes. Sparsity columns are those of the evaluated (`best/`) checkpoint: `deployed` of its
+deterministic meta-test masks (what τ constrains), `sampled` of one draw of its training gates.
+Writes OUT.json, OUT.md (command, machine, date, wall time in the header) and
 OUT.png.
 """
 
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
                    "domains": results,
                    "deployed_sparsity": _mean(sparsity.get("deployed")),
                    "sampled_sparsity": _mean(sparsity.get("sampled")),
+                   "sparsity_per_expert": sparsity, "final_step": last_logged(workdir),
                    "best_val": (summary.get("best") or {}).get("val_accuracy"),
                    "train_seconds": train_s})
     print(f"τ={tau:g} M={experts}: ID {points[-1]['id']:.2f}  OOD {points[-1]['ood']:.2f}",
@@ -108,6 +111,19 @@ def main(argv=None) -> int:
     _write(args, argv, points, elapsed + time.time() - start)
   _write(args, argv, points, elapsed + time.time() - start)
   return 0
+
+
+def last_logged(workdir: str) -> dict:
+  """Step and per-expert sparsity figures of the run's last logged training step (the evaluated
+  checkpoint is `best/`, which may be an earlier epoch)."""
+  last = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "loss" in row:
+        last = row
+  return {k: last[k] for k in ("step", "expert_sparsity", "sampled_sparsity", "expected_sparsity")
+          if k in last}
 
 
 def _mean(values) -> float | None:
