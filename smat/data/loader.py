@@ -55,7 +55,7 @@ class EpisodeSource:
       raise DataError(f"{', '.join(empty)}: no {self.split} classes (held-out and evaluation-"
                       f"only domains have test classes only)")
     for d in self.domains:
-      self.sampler.check(d.classes(self.split), f"{d.name} [{self.split}]")
+      self.sampler.check(d.classes(self.split), f"{d.name} [{self.split}]", d.spans(self.split))
     if self.buckets is None:
       object.__setattr__(self, "buckets", ep.Buckets.for_sampler(self.sampler))
 
@@ -65,7 +65,8 @@ class EpisodeSource:
     position = int(_rng(self.seed, split, index).integers(len(self.domains)))
     domain = self.domains[position]
     rng = _rng(self.seed, split, source_code(domain), index)
-    return position, self.sampler.sample(domain.classes(self.split), rng)
+    return position, self.sampler.sample(domain.classes(self.split), rng,
+                                         domain.spans(self.split))
 
   def episode(self, index: int) -> ep.Episode:
     position, plan = self.plan(index)
@@ -137,9 +138,12 @@ def make_sampler(data_config):
   if data_config.sampler == "fixed":
     return FixedSampler(data_config.ways, data_config.shots, data_config.queries)
   if data_config.sampler == "md":
-    return MetaDatasetSampler(max_ways=data_config.max_ways, max_support=data_config.max_support,
-                              max_support_per_class=data_config.max_support_per_class,
-                              max_query_per_class=data_config.max_query_per_class)
+    return MetaDatasetSampler(
+        max_ways=data_config.max_ways, max_support=data_config.max_support,
+        max_support_per_class=data_config.max_support_per_class,
+        max_query_per_class=data_config.max_query_per_class,
+        cap_shots_per_class=data_config.get("cap_shots_per_class", False),
+        max_leaves_per_node=data_config.get("max_leaves_per_node", 392))
   raise DataError(f"config field data.sampler={data_config.sampler!r}: use 'md' or 'fixed'")
 
 
