@@ -18,6 +18,7 @@ def get_config(arg=None):
   config.data.train = "glyphs:id"  # meta-training domains (their train classes)
   config.data.val = "glyphs:id"  # validation episodes (val classes)
   config.data.image_size = 32
+  config.data.test_resize_ratio = 146 / 128  # val/test images: resize 36, centre-crop 32
   config.data.sampler = "md"  # "md" (variable-way variable-shot) or "fixed"
   config.data.ways = 5  # fixed sampler only
   config.data.shots = 5

@@ -36,6 +36,8 @@ class EpisodeSource:
 
   Episode `i` is the stream's episode `first + i`: an evaluation that reserves the first few
   episodes (e.g. for a learning-rate search) reports `dataclasses.replace(source, first=k)`.
+  Images are resized by `episodes.resize`: `resize_ratio` > 1 resizes to round(ratio · size)
+  and centre-crops (`episode_source` gives the val and test splits `data.test_resize_ratio`).
   """
 
   domains: tuple[Domain, ...]
@@ -45,10 +47,14 @@ class EpisodeSource:
   seed: int = 0
   buckets: ep.Buckets | None = None
   first: int = 0
+  resize_ratio: float = 1.0
 
   def __post_init__(self):
     if self.split not in _SPLIT_CODE:
       raise DataError(f"split {self.split!r} is not one of {tuple(_SPLIT_CODE)}")
+    if not self.resize_ratio >= 1.0:
+      raise DataError(f"config field data.test_resize_ratio={self.resize_ratio}: resize to "
+                      f"ratio · image size then centre-crop needs a ratio ≥ 1 (1: no crop)")
     usable = [d for d in self.domains if d.classes(self.split)]
     if len(usable) != len(self.domains):
       empty = [d.name for d in self.domains if not d.classes(self.split)]
@@ -71,7 +77,8 @@ class EpisodeSource:
   def episode(self, index: int) -> ep.Episode:
     position, plan = self.plan(index)
     bucket = self.buckets.fit(plan.ways, plan.num_support, plan.num_query)
-    return ep.materialize(plan, self.domains[position].read, self.image_size, bucket, position)
+    return ep.materialize(plan, self.domains[position].read, self.image_size, bucket, position,
+                          self.resize_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +173,14 @@ def episode_source(config, split: str, specs: str | None = None, domains=None) -
   """EpisodeSource for `split` from a config's data section.
 
   Domains come from `domains`, else `specs`, else the config's `data.val` for the val split and
-  `data.train` otherwise.
+  `data.train` otherwise. The val and test splits' images are resized and centre-cropped by
+  `data.test_resize_ratio` (train images are cropped by the on-device augmentation instead).
   """
   from smat.data.spec import load_domains
 
   if domains is None:
     specs = specs or (config.data.val if split == "val" else config.data.train)
     domains = load_domains(specs, config.data_dir or None, seed=config.seed)
+  ratio = 1.0 if split == "train" else config.data.get("test_resize_ratio", 1.0)
   return EpisodeSource(tuple(domains), split, make_sampler(config.data), config.data.image_size,
-                       seed=config.seed)
+                       seed=config.seed, resize_ratio=ratio)

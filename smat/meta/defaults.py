@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from smat.data.episodes import TEST_RESIZE_RATIO
 from smat.meta import gates
 
 MD_TRAIN = ",".join(f"tfds:meta_dataset/{s}" for s in (
@@ -31,6 +32,9 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.data.train = MD_TRAIN  # meta-training domains (train classes)
   c.data.val = MD_TRAIN  # validation episodes (val classes)
   c.data.image_size = 128
+  # Validation and test images: resized to round(ratio · image_size), centre-cropped to
+  # image_size (146 → 128, P>M>F's and SMAT's test transform); 1.0: the whole image, no crop.
+  c.data.test_resize_ratio = TEST_RESIZE_RATIO
   c.data.sampler = "md"  # Meta-Dataset variable-way variable-shot, or "fixed"
   c.data.ways = 5  # fixed sampler only
   c.data.shots = 5
