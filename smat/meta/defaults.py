@@ -112,7 +112,7 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.train.tasks_at_once = 0
 
   c.val = ml_collections.ConfigDict()
-  c.val.episodes = 200  # fixed validation episodes, zero-shot after every epoch
+  c.val.episodes = 120  # fixed validation episodes per source, zero-shot after every epoch
   c.val.batch_size = 4
   return c
 
