@@ -215,7 +215,7 @@ def _cmd_evaluate(args) -> None:
 
   from smat import evaluate, metatrain
   from smat import config as config_lib
-  from smat.data.episodes import TEST_RESIZE_RATIO
+  from smat.data.episodes import split_resize_ratio
   from smat.data.spec import load_domains
 
   if args.method == "pre":
@@ -226,7 +226,7 @@ def _cmd_evaluate(args) -> None:
 
     model = checkpoint.load(args.backbone, args.format, args.arch)
     run_config, method, image_size = None, "pre", args.image_size or model[1].image_size
-    ratio = TEST_RESIZE_RATIO
+    ratio = None
   else:
     if not args.workdir:
       raise SmatError("give --workdir of a `smat meta-train` run, or --method pre --backbone B")
@@ -234,9 +234,9 @@ def _cmd_evaluate(args) -> None:
     run_config = config_lib.from_json(os.path.join(args.workdir, "config.json"))
     method = model.hp.method
     image_size = args.image_size or run_config.data.image_size
-    ratio = run_config.data.get("test_resize_ratio", 1.0)
-  if args.test_resize_ratio is not None:
-    ratio = args.test_resize_ratio
+    ratio = run_config.data.get("test_resize_ratio")
+  ratio = split_resize_ratio(
+      "test", ratio if args.test_resize_ratio is None else args.test_resize_ratio)
   specs = [s.strip() for s in args.domains.split(",") if s.strip()]
   if args.id_domains is not None:
     id_specs = [s for s in args.id_domains.split(",") if s]

@@ -36,11 +36,11 @@ def _per_task_accuracy(run, source, episodes: int, batch_size: int, progress: st
 def zero_shot_report(model, groups: dict[str, list], image_size: int, shots=(1, 5),
                      ways: int = 5, queries: int = 15, episodes: int = 600, seed: int = 0,
                      batch_size: int = 8, progress: bool = True,
-                     resize_ratio: float = 1.0) -> dict:
+                     resize_ratio: float | None = None) -> dict:
   """{domain: {"5w1s": {accuracy, ci95, episodes, episodes_per_s[, alpha_mean]}, ...}}.
 
   `model` is a `metatrain.Run`, or (θ, ViTConfig) for a frozen backbone; test images are
-  resized and centre-cropped by `resize_ratio` (a config's `data.test_resize_ratio`).
+  resized and centre-cropped by `resize_ratio` (default 146/128, `episodes.resize`).
   """
   if not _per_task(model):
     return fewshot.protonet_report(*_backbone(model), groups, image_size, shots, ways, queries,
@@ -90,13 +90,13 @@ def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
                      episodes: int = 600, seed: int = 0, adapt: str = "zero-shot",
                      ft: finetune.FinetuneConfig = finetune.FinetuneConfig(),
                      lr: float | None = None, batch_size: int | None = None,
-                     progress: bool = True, resize_ratio: float = 1.0) -> dict:
+                     progress: bool = True, resize_ratio: float | None = None) -> dict:
   """{domain: {accuracy, ci95, episodes, episodes_per_s, ways/shots summary[, lr, lr_search]}}.
 
   Same seed → same episodes for every model and every `adapt` mode: the first
   `ft.search_episodes` episodes of each domain are reserved for the fine-tuning lr search and
   never reported, whatever the mode. `model` is a `metatrain.Run` or (θ, ViTConfig); test
-  images are resized and centre-cropped by `resize_ratio` (`data.test_resize_ratio`).
+  images are resized and centre-cropped by `resize_ratio` (default 146/128, `episodes.resize`).
   """
   results = {}
   for name, group in groups.items():

@@ -19,7 +19,7 @@ import numpy as np
 
 from smat import protonet
 from smat.data import loader
-from smat.data.episodes import Episode, resize
+from smat.data.episodes import Episode, resize, split_resize_ratio
 from smat.data.samplers import FixedSampler
 from smat.embed import embed_all, embed_images
 from smat.models import vit
@@ -85,11 +85,12 @@ def zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource, episo
 
 def embed_split(params, config: vit.ViTConfig, domain, split: str, image_size: int,
                 batch_size: int = 256,
-                resize_ratio: float = 1.0) -> tuple[dict[int, int], np.ndarray]:
+                resize_ratio: float | None = None) -> tuple[dict[int, int], np.ndarray]:
   """({image id: row}, features [N, D]) for every image of the `split` classes of `domain`,
-  resized as episodes resize them (`episodes.resize`)."""
+  resized as that split's episodes resize them (`episodes.split_resize_ratio`)."""
   ids = np.unique(np.concatenate([c.image_ids for c in domain.classes(split)]))
-  load = lambda i: resize(domain.read(int(ids[i])), image_size, resize_ratio)
+  ratio = split_resize_ratio(split, resize_ratio)
+  load = lambda i: resize(domain.read(int(ids[i])), image_size, ratio)
   features = embed_all(params, config, load, len(ids), image_size, batch_size)
   return {int(i): row for row, i in enumerate(ids)}, features
 
@@ -151,7 +152,8 @@ def worth_caching(source: loader.EpisodeSource, episodes: int) -> bool:
 
 def protonet_report(params, config: vit.ViTConfig, domains: dict[str, list], image_size: int,
                     shots=(1, 5), ways: int = 5, queries: int = 15, episodes: int = 600,
-                    seed: int = 0, progress: bool = True, resize_ratio: float = 1.0) -> dict:
+                    seed: int = 0, progress: bool = True,
+                    resize_ratio: float | None = None) -> dict:
   """{domain name: {"5w1s": {...}, "5w5s": {...}}} on the test classes of each domain group.
 
   Uses whichever of the two equivalent routes is cheaper; feature tables are shared by all

@@ -49,7 +49,8 @@ def make_source(seed=0, sampler=SMALL_MD, split="train", two_domains=True):
   domains = (make_domain("north", 0),)
   if two_domains:
     domains += (make_domain("south", 20000, num_classes=18, seed=1),)
-  return loader.EpisodeSource(domains, split, sampler, SIZE, seed=seed)
+  # No crop of val images, so that pixel (0, 0) still holds the image id.
+  return loader.EpisodeSource(domains, split, sampler, SIZE, seed=seed, resize_ratio=1.0)
 
 
 def assert_episodes_equal(a: ep.Episode, b: ep.Episode):
@@ -361,3 +362,17 @@ def test_test_resize_ratio_applies_to_val_and_test_episodes_only():
   config.data.test_resize_ratio = 0.5
   with pytest.raises(DataError, match="data.test_resize_ratio=0.5: .* ratio ≥ 1"):
     loader.episode_source(config, "val", domains=[domain])
+
+
+def test_val_and_test_images_are_centre_cropped_by_default():
+  domain = make_domain("north", 0)
+  fixed = FixedSampler(3, 1, 1)
+  val = loader.EpisodeSource((domain,), "val", fixed, SIZE)
+  train = loader.EpisodeSource((domain,), "train", fixed, SIZE)
+  assert (val.resize_ratio, train.resize_ratio) == (ep.TEST_RESIZE_RATIO, 1.0)
+  assert ep.split_resize_ratio("test") == 146 / 128 and ep.split_resize_ratio("test", 1.0) == 1.0
+  _, plan = val.plan(0)
+  first = int(plan.support[0][0])
+  # 8 px: resize to round(9.125) = 9, crop rows/columns round(0.5) = 0 … 8.
+  np.testing.assert_array_equal(val.episode(0).support_images[0],
+                                ep.resize(domain.read(first), 9)[0:8, 0:8])

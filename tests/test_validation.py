@@ -93,7 +93,7 @@ def test_validation_sources_give_each_source_its_own_episodes(monkeypatch):
   for domain, batches in zip((north, south), sources.values()):
     assert len(batches) == 2 and all(b.support_images.shape[0] == 2 for b in batches)
     own = loader.EpisodeSource((domain,), "val", loader.make_sampler(config.data), SIZE,
-                               seed=config.seed)
+                               seed=config.seed, resize_ratio=1.0)
     for i, episode in enumerate(e for b in batches for e in zip(*b)):
       for x, y in zip(episode, own.episode(i)):
         np.testing.assert_array_equal(x, y)

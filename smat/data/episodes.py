@@ -94,6 +94,14 @@ def resize(image: np.ndarray, size: int, ratio: float = 1.0) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
+def split_resize_ratio(split: str, ratio: float | None = None) -> float:
+  """`ratio`, or by default TEST_RESIZE_RATIO for val and test images and 1 (no crop) for
+  meta-training ones, which the on-device augmentation crops instead."""
+  if ratio is not None:
+    return float(ratio)
+  return 1.0 if split == "train" else TEST_RESIZE_RATIO
+
+
 def _fill(images: list[np.ndarray], labels: list[int], size: int, n: int):
   out = np.zeros((n, size, size, 3), np.uint8)
   if images:

@@ -37,7 +37,8 @@ class EpisodeSource:
   Episode `i` is the stream's episode `first + i`: an evaluation that reserves the first few
   episodes (e.g. for a learning-rate search) reports `dataclasses.replace(source, first=k)`.
   Images are resized by `episodes.resize`: `resize_ratio` > 1 resizes to round(ratio · size)
-  and centre-crops (`episode_source` gives the val and test splits `data.test_resize_ratio`).
+  and centre-crops; None is `episodes.split_resize_ratio`'s default (val and test images
+  146/128, train images 1), and `episode_source` gives val and test `data.test_resize_ratio`.
   """
 
   domains: tuple[Domain, ...]
@@ -47,11 +48,12 @@ class EpisodeSource:
   seed: int = 0
   buckets: ep.Buckets | None = None
   first: int = 0
-  resize_ratio: float = 1.0
+  resize_ratio: float | None = None
 
   def __post_init__(self):
     if self.split not in _SPLIT_CODE:
       raise DataError(f"split {self.split!r} is not one of {tuple(_SPLIT_CODE)}")
+    object.__setattr__(self, "resize_ratio", ep.split_resize_ratio(self.split, self.resize_ratio))
     if not self.resize_ratio >= 1.0:
       raise DataError(f"config field data.test_resize_ratio={self.resize_ratio}: resize to "
                       f"ratio · image size then centre-crop needs a ratio ≥ 1 (1: no crop)")
@@ -181,6 +183,6 @@ def episode_source(config, split: str, specs: str | None = None, domains=None) -
   if domains is None:
     specs = specs or (config.data.val if split == "val" else config.data.train)
     domains = load_domains(specs, config.data_dir or None, seed=config.seed)
-  ratio = 1.0 if split == "train" else config.data.get("test_resize_ratio", 1.0)
+  ratio = 1.0 if split == "train" else config.data.get("test_resize_ratio")
   return EpisodeSource(tuple(domains), split, make_sampler(config.data), config.data.image_size,
                        seed=config.seed, resize_ratio=ratio)
