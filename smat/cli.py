@@ -215,6 +215,7 @@ def _cmd_evaluate(args) -> None:
 
   from smat import evaluate, metatrain
   from smat import config as config_lib
+  from smat.data.episodes import split_resize_ratio
   from smat.data.spec import load_domains
 
   if args.method == "pre":
@@ -225,6 +226,7 @@ def _cmd_evaluate(args) -> None:
 
     model = checkpoint.load(args.backbone, args.format, args.arch)
     run_config, method, image_size = None, "pre", args.image_size or model[1].image_size
+    ratio = None
   else:
     if not args.workdir:
       raise SmatError("give --workdir of a `smat meta-train` run, or --method pre --backbone B")
@@ -232,6 +234,9 @@ def _cmd_evaluate(args) -> None:
     run_config = config_lib.from_json(os.path.join(args.workdir, "config.json"))
     method = model.hp.method
     image_size = args.image_size or run_config.data.image_size
+    ratio = run_config.data.get("test_resize_ratio")
+  ratio = split_resize_ratio(
+      "test", ratio if args.test_resize_ratio is None else args.test_resize_ratio)
   specs = [s.strip() for s in args.domains.split(",") if s.strip()]
   if args.id_domains is not None:
     id_specs = [s for s in args.id_domains.split(",") if s]
@@ -242,7 +247,8 @@ def _cmd_evaluate(args) -> None:
   sampler = _sampler_from_args(args)
   ft = _finetune_from_args(args)
   results = evaluate.evaluate_domains(model, groups, sampler, image_size, args.episodes,
-                                      args.seed, args.adapt, ft, args.lr, args.batch_size)
+                                      args.seed, args.adapt, ft, args.lr, args.batch_size,
+                                      resize_ratio=ratio)
   ood_specs = [s for s in specs if s not in id_specs]
   table = evaluate.results_table(results, id_specs, method)
   out = {"method": method, "adapt": args.adapt,
@@ -251,6 +257,7 @@ def _cmd_evaluate(args) -> None:
          "backbone": args.backbone, "sampler": args.sampler,
          "ways": args.ways, "shots": args.shots, "queries": args.queries,
          "episodes": args.episodes, "seed": args.seed, "image_size": image_size,
+         "test_resize_ratio": ratio,
          "domains": results, "id_domains": id_specs, "ood_domains": ood_specs,
          "averages": evaluate.summarize(results, id_specs, ood_specs),
          "config": run_config.to_dict() if run_config else None,
@@ -429,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--seed", type=int, default=0)
   ev.add_argument("--image-size", type=int, default=None,
                   help="default: the run's data.image_size (or the backbone's)")
+  ev.add_argument("--test-resize-ratio", type=float, default=None,
+                  help="test images resized to round(ratio · image size), then centre-cropped; "
+                       "1: no crop (default: the run's data.test_resize_ratio, or 146/128)")
   ev.add_argument("--out", required=True, help="results JSON")
   _data_dir_arg(ev)
   ev.set_defaults(run=_cmd_evaluate)

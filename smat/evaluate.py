@@ -35,20 +35,22 @@ def _per_task_accuracy(run, source, episodes: int, batch_size: int, progress: st
 
 def zero_shot_report(model, groups: dict[str, list], image_size: int, shots=(1, 5),
                      ways: int = 5, queries: int = 15, episodes: int = 600, seed: int = 0,
-                     batch_size: int = 8, progress: bool = True) -> dict:
+                     batch_size: int = 8, progress: bool = True,
+                     resize_ratio: float | None = None) -> dict:
   """{domain: {"5w1s": {accuracy, ci95, episodes, episodes_per_s[, alpha_mean]}, ...}}.
 
-  `model` is a `metatrain.Run`, or (θ, ViTConfig) for a frozen backbone.
+  `model` is a `metatrain.Run`, or (θ, ViTConfig) for a frozen backbone; test images are
+  resized and centre-cropped by `resize_ratio` (default 146/128, `episodes.resize`).
   """
   if not _per_task(model):
     return fewshot.protonet_report(*_backbone(model), groups, image_size, shots, ways, queries,
-                                   episodes, seed, progress)
+                                   episodes, seed, progress, resize_ratio)
   report = {}
   for name, group in groups.items():
     report[name] = {}
     for k in shots:
       source = loader.EpisodeSource(tuple(group), "test", FixedSampler(ways, k, queries),
-                                    image_size, seed=seed)
+                                    image_size, seed=seed, resize_ratio=resize_ratio)
       label = f"{model.hp.method} {name} {ways}w{k}s" if progress else None
       report[name][f"{ways}w{k}s"] = _per_task_accuracy(model, source, episodes, batch_size,
                                                         label)
@@ -88,16 +90,18 @@ def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
                      episodes: int = 600, seed: int = 0, adapt: str = "zero-shot",
                      ft: finetune.FinetuneConfig = finetune.FinetuneConfig(),
                      lr: float | None = None, batch_size: int | None = None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, resize_ratio: float | None = None) -> dict:
   """{domain: {accuracy, ci95, episodes, episodes_per_s, ways/shots summary[, lr, lr_search]}}.
 
   Same seed → same episodes for every model and every `adapt` mode: the first
   `ft.search_episodes` episodes of each domain are reserved for the fine-tuning lr search and
-  never reported, whatever the mode. `model` is a `metatrain.Run` or (θ, ViTConfig).
+  never reported, whatever the mode. `model` is a `metatrain.Run` or (θ, ViTConfig); test
+  images are resized and centre-cropped by `resize_ratio` (default 146/128, `episodes.resize`).
   """
   results = {}
   for name, group in groups.items():
-    source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed)
+    source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed,
+                                  resize_ratio=resize_ratio)
     reported = dataclasses.replace(source, first=ft.search_episodes)
     label = name if progress else None
     if adapt != "zero-shot":

@@ -19,7 +19,7 @@ import numpy as np
 
 from smat import protonet
 from smat.data import loader
-from smat.data.episodes import Episode, resize
+from smat.data.episodes import Episode, resize, split_resize_ratio
 from smat.data.samplers import FixedSampler
 from smat.embed import embed_all, embed_images
 from smat.models import vit
@@ -84,10 +84,13 @@ def zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource, episo
 
 
 def embed_split(params, config: vit.ViTConfig, domain, split: str, image_size: int,
-                batch_size: int = 256) -> tuple[dict[int, int], np.ndarray]:
-  """({image id: row}, features [N, D]) for every image of the `split` classes of `domain`."""
+                batch_size: int = 256,
+                resize_ratio: float | None = None) -> tuple[dict[int, int], np.ndarray]:
+  """({image id: row}, features [N, D]) for every image of the `split` classes of `domain`,
+  resized as that split's episodes resize them (`episodes.split_resize_ratio`)."""
   ids = np.unique(np.concatenate([c.image_ids for c in domain.classes(split)]))
-  load = lambda i: resize(domain.read(int(ids[i])), image_size)
+  ratio = split_resize_ratio(split, resize_ratio)
+  load = lambda i: resize(domain.read(int(ids[i])), image_size, ratio)
   features = embed_all(params, config, load, len(ids), image_size, batch_size)
   return {int(i): row for row, i in enumerate(ids)}, features
 
@@ -121,8 +124,8 @@ def cached_zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource
   """
   start = time.perf_counter()
   if tables is None:
-    tables = [embed_split(params, config, d, source.split, source.image_size)
-              for d in source.domains]
+    tables = [embed_split(params, config, d, source.split, source.image_size,
+                          resize_ratio=source.resize_ratio) for d in source.domains]
   accuracies = []
   for first in range(0, episodes, batch_size):
     rows, by_bucket = [], {}
@@ -149,11 +152,12 @@ def worth_caching(source: loader.EpisodeSource, episodes: int) -> bool:
 
 def protonet_report(params, config: vit.ViTConfig, domains: dict[str, list], image_size: int,
                     shots=(1, 5), ways: int = 5, queries: int = 15, episodes: int = 600,
-                    seed: int = 0, progress: bool = True) -> dict:
+                    seed: int = 0, progress: bool = True,
+                    resize_ratio: float | None = None) -> dict:
   """{domain name: {"5w1s": {...}, "5w5s": {...}}} on the test classes of each domain group.
 
   Uses whichever of the two equivalent routes is cheaper; feature tables are shared by all
-  shot counts of a domain.
+  shot counts of a domain. `resize_ratio`: as `loader.EpisodeSource`'s.
   """
   from tqdm.auto import tqdm
 
@@ -162,10 +166,11 @@ def protonet_report(params, config: vit.ViTConfig, domains: dict[str, list], ima
     report[name], tables = {}, None
     for k in shots:
       source = loader.EpisodeSource(tuple(group), "test", FixedSampler(ways, k, queries),
-                                    image_size, seed=seed)
+                                    image_size, seed=seed, resize_ratio=resize_ratio)
       label = f"{ways}w{k}s"
       if tables is None and worth_caching(source, episodes):
-        tables = [embed_split(params, config, d, "test", image_size) for d in group]
+        tables = [embed_split(params, config, d, "test", image_size, resize_ratio=resize_ratio)
+                  for d in group]
       report[name][label] = (
           zero_shot(params, config, source, episodes) if tables is None
           else cached_zero_shot(params, config, source, episodes, tables=tables))

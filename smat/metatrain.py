@@ -7,7 +7,7 @@ state, optimiser state, router state, step, tasks seen, RNG and the episode stre
 
 Resume order: (1) the latest checkpoint in `<workdir>/checkpoints`, (2) a fresh start (δ = 0,
 log_α ~ N(0, 0.5²), λ = 0). θ_pre is read from `config.backbone` every time and never saved.
-`<workdir>/best` holds the checkpoint with the best validation accuracy.
+`<workdir>/best` holds the checkpoint with the best validation accuracy (the mean over sources).
 """
 
 from __future__ import annotations
@@ -151,9 +151,12 @@ class Run:
 
 
 def evaluate(run: Run, batches, progress: str | None = None) -> dict:
-  """Zero-shot accuracy (%) with 95% CI and mean α over stacked episode batches."""
+  """Zero-shot accuracy (%) with 95% CI and mean α over stacked episode batches; over
+  {source: batches}, each source's result and their mean (`combine_sources`)."""
   from tqdm.auto import tqdm
 
+  if isinstance(batches, dict):
+    return combine_sources({name: evaluate(run, b, progress) for name, b in batches.items()})
   start, accuracies, alphas = time.perf_counter(), [], []
   for batch in tqdm(batches, desc=progress, leave=False, disable=progress is None, unit="batch"):
     acc, alpha = run.zero_shot_accuracy(batch)
@@ -164,6 +167,33 @@ def evaluate(run: Run, batches, progress: str | None = None) -> dict:
   if alphas:
     result["alpha_mean"] = np.concatenate(alphas).mean(0).tolist()
   return result
+
+
+def combine_sources(per_source: dict[str, dict]) -> dict:
+  """One validation result from per-source ones, with `per_source` accuracies added.
+
+  accuracy = the mean of the per-source accuracies, so every source counts alike whatever its
+  episodes (the authors' checkpoint selection); ci95 = that of a mean of independent means. One
+  source's result is kept as it is.
+  """
+  results = list(per_source.values())
+  if len(results) == 1:
+    combined = dict(results[0])
+  else:
+    episodes = [r["episodes"] for r in results]
+    combined = {
+        "accuracy": float(np.mean([r["accuracy"] for r in results])),
+        "ci95": float(np.sqrt(sum(r["ci95"] ** 2 for r in results)) / len(results)),
+        "episodes": int(sum(episodes)),
+        "episodes_per_s": sum(episodes) / sum(n / r["episodes_per_s"]
+                                              for n, r in zip(episodes, results)),
+        "per_episode": [a for r in results for a in r["per_episode"]]}
+    if all("alpha_mean" in r for r in results):  # per episode, as over one stream
+      combined["alpha_mean"] = (np.average([r["alpha_mean"] for r in results], axis=0,
+                                           weights=episodes).tolist())
+  combined["per_source"] = {name: {k: r[k] for k in ("accuracy", "ci95", "episodes")}
+                            for name, r in per_source.items()}
+  return combined
 
 
 def _save(manager, state: meta_step.MetaState, rng, data_state: dict, metrics=None) -> None:
@@ -246,11 +276,21 @@ def _host_metrics(metrics: dict, state) -> dict:
   return out
 
 
+def validation_sources(config, count: int | None = None) -> dict[str, list]:
+  """{source: its fixed validation episodes (first `val.episodes` of its val split), in
+  batches}, for each domain of `data.val`."""
+  from smat.data.spec import load_domains
+
+  domains = load_domains(config.data.val, config.data_dir or None, seed=config.seed)
+  return {d.name: loader.fixed_episodes(loader.episode_source(config, "val", domains=[d]),
+                                        count or config.val.episodes, config.val.batch_size,
+                                        num_threads=config.data.loader_threads)
+          for d in domains}
+
+
 def validation_batches(config, count: int | None = None):
-  """The fixed validation episodes (first `val.episodes` of the val split), in batches."""
-  source = loader.episode_source(config, "val")
-  return loader.fixed_episodes(source, count or config.val.episodes, config.val.batch_size,
-                               num_threads=config.data.loader_threads)
+  """Every source's fixed validation episodes in one list of batches, source after source."""
+  return [b for batches in validation_sources(config, count).values() for b in batches]
 
 
 def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
@@ -291,7 +331,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   batches = loader.batch_iterator(source, batch_size, total, config.data.loader_threads,
                                   config.data.prefetch, jax.process_index(), jax.process_count(),
                                   state=data_state)
-  val = validation_batches(config)
+  val = validation_sources(config)
   history = _read_history(workdir, start)
   log = training.MetricsLog(workdir, resume_step=start)
   bar = tqdm(total=total, initial=start, desc=f"meta-train {hp.method}", unit="step",

@@ -99,7 +99,7 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
     start = time.perf_counter()
     reports[name] = evaluate.zero_shot_report(
         model, groups, config.data.image_size, shots=(1, 5), episodes=comparison_episodes,
-        seed=config.seed)
+        seed=config.seed, resize_ratio=config.data.get("test_resize_ratio"))
     print(f"  {name}: {time.perf_counter() - start:.0f} s")
   table = evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS)
   results = {"methods": reports, "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS)

@@ -47,11 +47,13 @@ def tiny_backbone():
                                                         max_support_per_class=4,
                                                         max_query_per_class=2)],
                          ids=["fixed", "md"])
-def test_cached_features_give_the_direct_accuracies(glyphs_data_dir, tiny_backbone, sampler):
+@pytest.mark.parametrize("ratio", [1.0, 146 / 128], ids=["whole", "centre-crop"])
+def test_cached_features_give_the_direct_accuracies(glyphs_data_dir, tiny_backbone, sampler,
+                                                    ratio):
   data_dir, _, _ = glyphs_data_dir
   params, config = tiny_backbone
   domains = load_domains("glyphs:id,glyphs:ood", str(data_dir))
-  source = loader.EpisodeSource(tuple(domains), "test", sampler, 16, seed=5)
+  source = loader.EpisodeSource(tuple(domains), "test", sampler, 16, seed=5, resize_ratio=ratio)
   direct = fewshot.zero_shot(params, config, source, 12, batch_size=4)
   cached = fewshot.cached_zero_shot(params, config, source, 12, batch_size=5)
   assert cached["episodes"] == direct["episodes"] == 12

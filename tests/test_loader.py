@@ -49,7 +49,8 @@ def make_source(seed=0, sampler=SMALL_MD, split="train", two_domains=True):
   domains = (make_domain("north", 0),)
   if two_domains:
     domains += (make_domain("south", 20000, num_classes=18, seed=1),)
-  return loader.EpisodeSource(domains, split, sampler, SIZE, seed=seed)
+  # No crop of val images, so that pixel (0, 0) still holds the image id.
+  return loader.EpisodeSource(domains, split, sampler, SIZE, seed=seed, resize_ratio=1.0)
 
 
 def assert_episodes_equal(a: ep.Episode, b: ep.Episode):
@@ -314,3 +315,64 @@ def test_process_slices_union_to_the_full_batch():
     assert local_images == whole_images
   with pytest.raises(DataError, match="not divisible by 3"):
     loader.BatchSource(source, 4, process_count=3)
+
+
+# ----------------------------------------------------------------------------- test images
+
+
+def test_resize_and_centre_crop_known_answers():
+  """ratio > 1: shorter side to round(ratio · size), aspect kept, central size × size crop."""
+  square = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+  np.testing.assert_array_equal(ep.resize(square, 2, 2.0), square[1:3, 1:3])  # 4 px: no resampling
+  wide = np.arange(4 * 8 * 3, dtype=np.uint8).reshape(4, 8, 3)
+  np.testing.assert_array_equal(ep.resize(wide, 2, 2.0), wide[1:3, 3:5])
+  tall = np.ascontiguousarray(wide.transpose(1, 0, 2))
+  np.testing.assert_array_equal(ep.resize(tall, 2, 2.0), tall[3:5, 1:3])
+  image = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
+  # 128 px: resize 146, crop 9 px each side; 32 px: resize round(36.5) = 36, crop 2 px.
+  np.testing.assert_array_equal(ep.resize(image, 128, ep.TEST_RESIZE_RATIO),
+                                ep.resize(image, 146)[9:137, 9:137])
+  np.testing.assert_array_equal(ep.resize(image, 32, ep.TEST_RESIZE_RATIO),
+                                ep.resize(image, 36)[2:34, 2:34])
+  np.testing.assert_array_equal(ep.resize(image, 32, 1.0), ep.resize(image, 32))  # 1: no crop
+  assert ep.resize(image, 50) is image
+
+
+def test_test_resize_ratio_applies_to_val_and_test_episodes_only():
+  from smat.meta import defaults
+
+  config = defaults.base()
+  config.data.sampler, config.data.ways, config.data.shots, config.data.queries = "fixed", 3, 1, 1
+  config.data.image_size = SIZE
+  config.data.test_resize_ratio = 1.5
+  domain = make_domain("north", 0)
+  val = loader.episode_source(config, "val", domains=[domain])
+  train = loader.episode_source(config, "train", domains=[domain])
+  assert (val.resize_ratio, train.resize_ratio) == (1.5, 1.0)
+  _, plan = val.plan(0)
+  episode = val.episode(0)
+  first = int(plan.support[0][0])
+  np.testing.assert_array_equal(episode.support_images[0],
+                                ep.resize(domain.read(first), SIZE, 1.5))
+  np.testing.assert_array_equal(episode.support_images[0],
+                                ep.resize(domain.read(first), 12)[2:10, 2:10])
+  _, plan = train.plan(0)
+  first = int(plan.support[0][0])
+  np.testing.assert_array_equal(train.episode(0).support_images[0], domain.read(first))
+  config.data.test_resize_ratio = 0.5
+  with pytest.raises(DataError, match="data.test_resize_ratio=0.5: .* ratio ≥ 1"):
+    loader.episode_source(config, "val", domains=[domain])
+
+
+def test_val_and_test_images_are_centre_cropped_by_default():
+  domain = make_domain("north", 0)
+  fixed = FixedSampler(3, 1, 1)
+  val = loader.EpisodeSource((domain,), "val", fixed, SIZE)
+  train = loader.EpisodeSource((domain,), "train", fixed, SIZE)
+  assert (val.resize_ratio, train.resize_ratio) == (ep.TEST_RESIZE_RATIO, 1.0)
+  assert ep.split_resize_ratio("test") == 146 / 128 and ep.split_resize_ratio("test", 1.0) == 1.0
+  _, plan = val.plan(0)
+  first = int(plan.support[0][0])
+  # 8 px: resize to round(9.125) = 9, crop rows/columns round(0.5) = 0 … 8.
+  np.testing.assert_array_equal(val.episode(0).support_images[0],
+                                ep.resize(domain.read(first), 9)[0:8, 0:8])

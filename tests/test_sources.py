@@ -263,6 +263,75 @@ def test_md_h5_bilevel_spec_gives_groups(tmp_path):
   assert domain.describe()["splits"]["train"]["groups"] == ["Greek", "Latin"]
 
 
+def imagenet_like_spec(images):
+  """Meta-Dataset's hierarchical spec for 15 classes n0..n14: TRAIN r → a (n0..n5), b (n3..n7);
+  VALID r → d (n8..n12); TEST r → n13, n14. Synset `r` has other children in each split."""
+  wn = lambda i: f"n{i:08d}"
+  node = lambda w, children: {"wn_id": w, "words": w, "children_ids": children, "parents_ids": []}
+  leaf = lambda i: node(wn(i), [])
+  subgraphs = {
+      "TRAIN": [node("r", ["a", "b"]), node("a", [wn(i) for i in range(6)]),
+                node("b", [wn(i) for i in range(3, 8)])] + [leaf(i) for i in range(8)],
+      "VALID": [node("r", ["d"]), node("d", [wn(i) for i in range(8, 13)])]
+               + [leaf(i) for i in range(8, 13)],
+      "TEST": [node("r", [wn(13), wn(14)]), leaf(13), leaf(14)],
+  }
+  per_split = {"TRAIN": range(8), "VALID": range(8, 13), "TEST": range(13, 15)}
+  return {"__class__": "HierarchicalDatasetSpecification", "split_subgraphs": subgraphs,
+          "images_per_class": {k: {wn(i): images[i] for i in ids} for k, ids in per_split.items()}}
+
+
+def test_md_h5_hierarchical_spec_gives_classes_and_hierarchy(tmp_path):
+  """ImageNet's spec: each split's WordNet leaves are its classes; its DAG the domain's hierarchy."""
+  sizes = [3 + i % 4 for i in range(15)]
+  write_md_h5(tmp_path, "ilsvrc_2012", sizes, imagenet_like_spec(sizes))
+  domain = md_h5.load(str(tmp_path), "ilsvrc_2012")
+  assert names(domain, "train") == [f"n{i:08d}" for i in range(8)]
+  assert names(domain, "val") == [f"n{i:08d}" for i in range(8, 13)]
+  assert names(domain, "test") == ["n00000013", "n00000014"]
+  assert [c.size for s in ("train", "val", "test") for c in domain.classes(s)] == sizes
+  np.testing.assert_array_equal(domain.read(int(domain.classes("val")[1].image_ids[2])),
+                                pixels(9, 2))
+  assert domain.hierarchy["TRAIN:r"] == ("TRAIN:a", "TRAIN:b")
+  assert domain.hierarchy["VALID:d"] == tuple(f"n{i:08d}" for i in range(8, 13))
+  assert [s.tolist() for s in domain.spans("train")] == [list(range(6)), list(range(3, 8)),
+                                                         list(range(8))]  # a, b, r
+  assert [s.tolist() for s in domain.spans("val")] == [list(range(5))] * 2  # d, r
+  source = EpisodeSource((domain,), "train", MetaDatasetSampler(max_ways=8, max_support=20),
+                         image_size=8)
+  for i in range(30):
+    chosen = set(source.plan(i)[1].classes.tolist())
+    assert chosen in ({0, 1, 2, 3, 4, 5}, {3, 4, 5, 6, 7}, set(range(8)))
+
+
+def test_md_h5_hierarchy_json_beside_the_spec(tmp_path):
+  """A flat spec plus hierarchy.json (leaves = class names) → the domain's hierarchy."""
+  directory = write_md_h5(tmp_path, "aircraft", [2] * 7,
+                          {"classes_per_split": {"TRAIN": 5, "VALID": 1, "TEST": 1}})
+  (directory / "hierarchy.json").write_text(json.dumps(
+      {"maker": ["n00000000", "n00000001", "n00000002", "n00000003", "n00000004"]}))
+  domain = md_h5.load(str(tmp_path), "aircraft")
+  assert [s.tolist() for s in domain.spans("train")] == [[0, 1, 2, 3, 4]]
+  assert domain.spans("val") == ()
+  (directory / "hierarchy.json").write_text(json.dumps(["not", "a", "dag"]))
+  with pytest.raises(DataError, match="hierarchy.json: expected"):
+    md_h5.load(str(tmp_path), "aircraft")
+
+
+def test_tfds_md_hierarchy_from_the_builder_metadata(tmp_path):
+  """meta_dataset/ilsvrc_2012: the spec in the prepared builder's metadata.json, leaves renamed
+  to the domain's class names; no metadata → no hierarchy."""
+  assert tfds_source.md_hierarchy("ilsvrc_2012", str(tmp_path), range(15)) == {}
+  spec = imagenet_like_spec([3] * 15)
+  spec["class_names"] = {str(i): f"n{i:08d}" for i in range(15)}
+  version = tmp_path / "meta_dataset" / "ilsvrc_2012" / "1.0.0"
+  version.mkdir(parents=True)
+  (version / "metadata.json").write_text(json.dumps({"dataset_specs": {"v1": spec}}))
+  dag = tfds_source.md_hierarchy("ilsvrc_2012", str(tmp_path), range(15))
+  assert dag["TRAIN:a"] == tuple(f"ilsvrc_2012/{i}" for i in range(6))
+  assert dag["TEST:r"] == ("ilsvrc_2012/13", "ilsvrc_2012/14")
+
+
 def test_md_h5_errors_name_the_file(tmp_path):
   """Missing spec, missing class file and unreadable image → DataError naming the path."""
   with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope" / "dataset_spec.json"))):

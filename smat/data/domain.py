@@ -32,22 +32,56 @@ class ImageClass:
     return len(self.image_ids)
 
 
+def leaf_spans(hierarchy: Mapping[str, Sequence[str]], names: Sequence[str]) -> tuple[np.ndarray, ...]:
+  """Per internal node of a DAG (node → children), the positions in `names` of the leaves
+  under it; nodes over none of `names` are left out. Sorted by node, so a pure function."""
+  memo: dict[str, frozenset[str]] = {}
+
+  def leaves(node: str) -> frozenset[str]:
+    if node not in memo:
+      children = hierarchy.get(node, ())
+      memo[node] = (frozenset().union(*(leaves(c) for c in children)) if children
+                    else frozenset((node,)))
+    return memo[node]
+
+  position = {name: i for i, name in enumerate(names)}
+  spans = []
+  for node in sorted(n for n, children in hierarchy.items() if children):
+    under = sorted(position[leaf] for leaf in leaves(node) if leaf in position)
+    if under:
+      spans.append(np.asarray(under, np.int64))
+  return tuple(spans)
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
   """Classes split into train/val/test, and the reader that turns image ids into pixels.
 
-  `read` must return uint8 RGB [H, W, 3]; image sizes may differ between images.
+  `read` must return uint8 RGB [H, W, 3]; image sizes may differ between images. `hierarchy`
+  is an optional class DAG (node → children; the leaves are class names, e.g. ImageNet's
+  WordNet graph): Meta-Dataset episodes then draw their classes under one node of it.
   """
 
   name: str
   splits: Mapping[str, tuple[ImageClass, ...]]
   read: Callable[[int], np.ndarray]
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  hierarchy: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  _spans: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   def classes(self, split: str) -> tuple[ImageClass, ...]:
     if split not in SPLITS:
       raise DataError(f"split {split!r} is not one of {SPLITS}")
     return self.splits.get(split, ())
+
+  def spans(self, split: str) -> tuple[np.ndarray, ...] | None:
+    """Positions of the `split` classes under each hierarchy node (None without a hierarchy);
+    computed once per split."""
+    if not self.hierarchy:
+      return None
+    if split not in self._spans:
+      self._spans[split] = leaf_spans(self.hierarchy, [c.name for c in self.classes(split)])
+    return self._spans[split]
 
   def describe(self) -> dict[str, Any]:
     """Classes per split and images per class (min/median/max), plus source metadata."""

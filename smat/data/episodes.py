@@ -21,6 +21,7 @@ from smat.data.samplers import EpisodePlan, FixedSampler
 from smat.errors import SamplerError
 
 DEFAULT_SIZE_BUCKETS = (32, 64, 128, 256, 512)
+TEST_RESIZE_RATIO = 146 / 128  # P>M>F's and SMAT's test images: resize 146, centre-crop 128
 
 
 class Episode(NamedTuple):
@@ -72,11 +73,33 @@ class Buckets:
     return len(self.support) * len(self.query)
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [h, w, 3] → [size, size, 3]; untouched when already that size (bilinear, antialiased)."""
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+def resize(image: np.ndarray, size: int, ratio: float = 1.0) -> np.ndarray:
+  """uint8 [h, w, 3] → [size, size, 3] (bilinear, antialiased).
+
+  ratio 1: the whole image squashed to size × size (untouched when already that size).
+  ratio > 1: the shorter side resized to round(ratio · size), aspect kept, then the central
+  size × size crop — the evaluation images of P>M>F and SMAT (146 → 128 at 128 px), which frame
+  the object as meta-training's random resized crops do on average.
+  """
+  if ratio == 1.0:
+    if image.shape[0] == size and image.shape[1] == size:
+      return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+  h, w = image.shape[:2]
+  short = round(ratio * size)
+  new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+  if (new_h, new_w) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+  top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+  return image[top:top + size, left:left + size]
+
+
+def split_resize_ratio(split: str, ratio: float | None = None) -> float:
+  """`ratio`, or by default TEST_RESIZE_RATIO for val and test images and 1 (no crop) for
+  meta-training ones, which the on-device augmentation crops instead."""
+  if ratio is not None:
+    return float(ratio)
+  return 1.0 if split == "train" else TEST_RESIZE_RATIO
 
 
 def _fill(images: list[np.ndarray], labels: list[int], size: int, n: int):
@@ -91,14 +114,15 @@ def _fill(images: list[np.ndarray], labels: list[int], size: int, n: int):
 
 
 def materialize(plan: EpisodePlan, read: Callable[[int], np.ndarray], image_size: int,
-                bucket: tuple[int, int, int], domain: int = 0) -> Episode:
-  """Reads, resizes and pads one planned episode into `bucket` = (ways, support, query)."""
+                bucket: tuple[int, int, int], domain: int = 0,
+                resize_ratio: float = 1.0) -> Episode:
+  """Reads, resizes (`resize`) and pads one planned episode into `bucket` = (ways, support, query)."""
   ways, n_support, n_query = bucket
   s_img, s_lab, q_img, q_lab = [], [], [], []
   for label, (support, query) in enumerate(zip(plan.support, plan.query)):
-    s_img += [resize(read(int(i)), image_size) for i in support]
+    s_img += [resize(read(int(i)), image_size, resize_ratio) for i in support]
     s_lab += [label] * len(support)
-    q_img += [resize(read(int(i)), image_size) for i in query]
+    q_img += [resize(read(int(i)), image_size, resize_ratio) for i in query]
     q_lab += [label] * len(query)
   class_mask = np.zeros((ways,), bool)
   class_mask[:plan.ways] = True

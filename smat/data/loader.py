@@ -36,6 +36,9 @@ class EpisodeSource:
 
   Episode `i` is the stream's episode `first + i`: an evaluation that reserves the first few
   episodes (e.g. for a learning-rate search) reports `dataclasses.replace(source, first=k)`.
+  Images are resized by `episodes.resize`: `resize_ratio` > 1 resizes to round(ratio · size)
+  and centre-crops; None is `episodes.split_resize_ratio`'s default (val and test images
+  146/128, train images 1), and `episode_source` gives val and test `data.test_resize_ratio`.
   """
 
   domains: tuple[Domain, ...]
@@ -45,17 +48,22 @@ class EpisodeSource:
   seed: int = 0
   buckets: ep.Buckets | None = None
   first: int = 0
+  resize_ratio: float | None = None
 
   def __post_init__(self):
     if self.split not in _SPLIT_CODE:
       raise DataError(f"split {self.split!r} is not one of {tuple(_SPLIT_CODE)}")
+    object.__setattr__(self, "resize_ratio", ep.split_resize_ratio(self.split, self.resize_ratio))
+    if not self.resize_ratio >= 1.0:
+      raise DataError(f"config field data.test_resize_ratio={self.resize_ratio}: resize to "
+                      f"ratio · image size then centre-crop needs a ratio ≥ 1 (1: no crop)")
     usable = [d for d in self.domains if d.classes(self.split)]
     if len(usable) != len(self.domains):
       empty = [d.name for d in self.domains if not d.classes(self.split)]
       raise DataError(f"{', '.join(empty)}: no {self.split} classes (held-out and evaluation-"
                       f"only domains have test classes only)")
     for d in self.domains:
-      self.sampler.check(d.classes(self.split), f"{d.name} [{self.split}]")
+      self.sampler.check(d.classes(self.split), f"{d.name} [{self.split}]", d.spans(self.split))
     if self.buckets is None:
       object.__setattr__(self, "buckets", ep.Buckets.for_sampler(self.sampler))
 
@@ -65,12 +73,14 @@ class EpisodeSource:
     position = int(_rng(self.seed, split, index).integers(len(self.domains)))
     domain = self.domains[position]
     rng = _rng(self.seed, split, source_code(domain), index)
-    return position, self.sampler.sample(domain.classes(self.split), rng)
+    return position, self.sampler.sample(domain.classes(self.split), rng,
+                                         domain.spans(self.split))
 
   def episode(self, index: int) -> ep.Episode:
     position, plan = self.plan(index)
     bucket = self.buckets.fit(plan.ways, plan.num_support, plan.num_query)
-    return ep.materialize(plan, self.domains[position].read, self.image_size, bucket, position)
+    return ep.materialize(plan, self.domains[position].read, self.image_size, bucket, position,
+                          self.resize_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +147,12 @@ def make_sampler(data_config):
   if data_config.sampler == "fixed":
     return FixedSampler(data_config.ways, data_config.shots, data_config.queries)
   if data_config.sampler == "md":
-    return MetaDatasetSampler(max_ways=data_config.max_ways, max_support=data_config.max_support,
-                              max_support_per_class=data_config.max_support_per_class,
-                              max_query_per_class=data_config.max_query_per_class)
+    return MetaDatasetSampler(
+        max_ways=data_config.max_ways, max_support=data_config.max_support,
+        max_support_per_class=data_config.max_support_per_class,
+        max_query_per_class=data_config.max_query_per_class,
+        cap_shots_per_class=data_config.get("cap_shots_per_class", False),
+        max_leaves_per_node=data_config.get("max_leaves_per_node", 392))
   raise DataError(f"config field data.sampler={data_config.sampler!r}: use 'md' or 'fixed'")
 
 
@@ -162,12 +175,14 @@ def episode_source(config, split: str, specs: str | None = None, domains=None) -
   """EpisodeSource for `split` from a config's data section.
 
   Domains come from `domains`, else `specs`, else the config's `data.val` for the val split and
-  `data.train` otherwise.
+  `data.train` otherwise. The val and test splits' images are resized and centre-cropped by
+  `data.test_resize_ratio` (train images are cropped by the on-device augmentation instead).
   """
   from smat.data.spec import load_domains
 
   if domains is None:
     specs = specs or (config.data.val if split == "val" else config.data.train)
     domains = load_domains(specs, config.data_dir or None, seed=config.seed)
+  ratio = 1.0 if split == "train" else config.data.get("test_resize_ratio")
   return EpisodeSource(tuple(domains), split, make_sampler(config.data), config.data.image_size,
-                       seed=config.seed)
+                       seed=config.seed, resize_ratio=ratio)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from smat.data.episodes import TEST_RESIZE_RATIO
 from smat.meta import gates
 
 MD_TRAIN = ",".join(f"tfds:meta_dataset/{s}" for s in (
@@ -31,13 +32,18 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.data.train = MD_TRAIN  # meta-training domains (train classes)
   c.data.val = MD_TRAIN  # validation episodes (val classes)
   c.data.image_size = 128
+  # Validation and test images: resized to round(ratio · image_size), centre-cropped to
+  # image_size (146 → 128, P>M>F's and SMAT's test transform); 1.0: the whole image, no crop.
+  c.data.test_resize_ratio = TEST_RESIZE_RATIO
   c.data.sampler = "md"  # Meta-Dataset variable-way variable-shot, or "fixed"
   c.data.ways = 5  # fixed sampler only
   c.data.shots = 5
   c.data.queries = 10
   c.data.max_ways = 50  # md sampler
   c.data.max_support = 500
-  c.data.max_support_per_class = 100
+  c.data.max_support_per_class = 100  # a class's contribution to the support budget
+  c.data.cap_shots_per_class = False  # True: also at most max_support_per_class shots per class
+  c.data.max_leaves_per_node = 392  # class hierarchies: nodes spanning more classes not drawn
   c.data.max_query_per_class = 10
   c.data.meta_batch_size = 4  # tasks per update
 
@@ -125,7 +131,7 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.train.tasks_at_once = 0
 
   c.val = ml_collections.ConfigDict()
-  c.val.episodes = 200  # fixed validation episodes, zero-shot after every epoch
+  c.val.episodes = 120  # fixed validation episodes per source, zero-shot after every epoch
   c.val.batch_size = 4
   return c
 

@@ -5,6 +5,10 @@ Layout of `<root>/<source>/`:
   "TEST": c}; class ids are contiguous in that order), `images_per_class` ({"<id>": n}),
   optional `class_names`. Omniglot's bi-level spec gives `superclasses_per_split` and
   `classes_per_superclass` instead (superclass = alphabet, used to draw ways within one alphabet).
+  ImageNet's hierarchical spec gives `split_subgraphs` (see `md_spec`): the classes are each
+  split's WordNet leaves and the DAG is the domain's class hierarchy (episodes under one node).
+* `hierarchy.json` (optional, any source) — a class hierarchy {"<node>": ["<child>", ...]}
+  whose leaves are class names (`class_names`, e.g. WordNet ids); used in place of the spec's.
 * `<class_id>.h5` — one file per class; group `"<j>"` per image holding `image`
   (uint8 [H, W, 3] RGB) and `label`.
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from smat.data.domain import Domain, ImageClass
+from smat.data.sources import md_spec
 from smat.data.sources.tfds_source import MD_SOURCES
 from smat.errors import DataError
 
@@ -51,7 +56,7 @@ def _class_layout(spec: dict, source: str, path: Path) -> tuple[tuple[int, int, 
         superclass += 1
       counts.append(n_classes)
     return tuple(counts), groups
-  if source in MD_SOURCES:  # hierarchical (ImageNet) spec: Meta-Dataset's fixed counts
+  if source in MD_SOURCES:  # a spec without counts: Meta-Dataset's fixed counts
     counts = MD_SOURCES[source][2]
     return counts, [""] * sum(counts)
   raise DataError(f"{path}: no `classes_per_split` (or bi-level superclass fields) in the spec")
@@ -78,6 +83,36 @@ class H5Reader:
     return image.astype(np.uint8)
 
 
+def _hierarchical_layout(spec: dict, path: Path):
+  """(classes per split, images per class id, class names, DAG) of a hierarchical spec."""
+  leaves = md_spec.split_classes(spec, str(path))
+  sizes = md_spec.images_per_class(spec)
+  ordered = [w for split in ("train", "val", "test") for w in leaves[split]]
+  missing = [w for w in ordered if w not in sizes]
+  if missing:
+    raise DataError(f"{path}: images_per_class has no entry for class {missing[0]!r}")
+  counts = tuple(len(leaves[split]) for split in ("train", "val", "test"))
+  names = {str(i): w for i, w in enumerate(ordered)}
+  if {str(k): str(w) for k, w in spec["class_names"].items()} != names:
+    raise DataError(f"{path}: class ids of class_names are not contiguous train → valid → test "
+                    f"in the order of split_subgraphs' leaves")
+  dag = md_spec.hierarchy(spec, str(path))
+  return counts, {i: sizes[w] for i, w in enumerate(ordered)}, names, dag
+
+
+def _hierarchy_file(directory: Path) -> dict[str, tuple[str, ...]] | None:
+  path = directory / "hierarchy.json"
+  if not path.exists():
+    return None
+  try:
+    dag = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(dag, dict) or not all(isinstance(v, list) for v in dag.values()):
+    raise DataError(f"{path}: expected {{\"<node>\": [\"<child>\", ...]}}")
+  return {str(k): tuple(str(c) for c in v) for k, v in dag.items()}
+
+
 def load(root: str, source: str) -> Domain:
   directory = Path(root) / source
   spec_path = directory / "dataset_spec.json"
@@ -90,9 +125,14 @@ def load(root: str, source: str) -> Domain:
     raise DataError(f"{spec_path}: not valid JSON ({e})") from None
   if "images_per_class" not in spec:
     raise DataError(f"{spec_path}: missing field 'images_per_class'")
-  counts, groups = _class_layout(spec, source, spec_path)
-  images_per_class = {int(k): int(v) for k, v in spec["images_per_class"].items()}
-  names = spec.get("class_names", {})
+  if md_spec.is_hierarchical(spec):
+    counts, images_per_class, names, hierarchy = _hierarchical_layout(spec, spec_path)
+    groups = [""] * sum(counts)
+  else:
+    counts, groups = _class_layout(spec, source, spec_path)
+    images_per_class = {int(k): int(v) for k, v in spec["images_per_class"].items()}
+    names, hierarchy = spec.get("class_names", {}), {}
+  hierarchy = _hierarchy_file(directory) or hierarchy
   classes = []
   for class_id in range(sum(counts)):
     if class_id not in images_per_class:
@@ -107,4 +147,5 @@ def load(root: str, source: str) -> Domain:
                 splits={"train": tuple(classes[:a]), "val": tuple(classes[a:b]),
                         "test": tuple(classes[b:])},
                 read=H5Reader(str(directory)),
-                metadata={"source": "md_h5", "path": str(directory), "md_source": source})
+                metadata={"source": "md_h5", "path": str(directory), "md_source": source},
+                hierarchy=hierarchy)

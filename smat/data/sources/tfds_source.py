@@ -11,7 +11,9 @@ SPEC forms:
   traffic_sign, mscoco) are read from the `meta_dataset/<source>` builder.
 * `tfds:meta_dataset/<source>` — the Meta-Dataset project's own TFDS builders (one split
   `all_classes`, labels ordered train → valid → test), read from `<data_dir>` without needing
-  the builder code installed.
+  the builder code installed. `meta_dataset/ilsvrc_2012` also gives the domain ImageNet's
+  class hierarchy, from the dataset spec in the prepared builder's `metadata.json`
+  (`md_spec`), so that episodes draw their classes under one node of it.
 
 The label scan (which record belongs to which class) decodes every record once and is cached
 next to the data as `<data_dir>/smat_index/<name>__<split>.npz`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from smat.data.domain import Domain, ImageClass, split_classes_by_count, to_rgb
+from smat.data.sources import md_spec
 from smat.errors import DataError
 
 # Meta-Dataset source → (core TFDS builder or None, TFDS splits to merge, (train, val, test)).
@@ -55,6 +59,31 @@ def _tfds():
   return tfds
 
 
+def _versions(name: str, data_dir: str | None) -> tuple[Path, list[Path]]:
+  """(data root, prepared version directories of builder `name`, oldest first)."""
+  root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+  return root, sorted((root / name).glob("*.*.*"),
+                      key=lambda p: tuple(int(x) if x.isdigit() else -1 for x in p.name.split(".")))
+
+
+def md_hierarchy(md_source: str, data_dir: str | None, labels) -> dict[str, tuple[str, ...]]:
+  """Class DAG of a `meta_dataset/<md_source>` builder whose spec has one (ImageNet), leaves
+  named as `_classes` names them (`<md_source>/<label>`, label = class id); {} otherwise."""
+  _, versions = _versions(f"meta_dataset/{md_source}", data_dir)
+  path = versions[-1] / "metadata.json" if versions else None
+  if path is None or not path.exists():
+    return {}
+  try:
+    spec = json.loads(path.read_text()).get("dataset_specs", {}).get("v1", {})
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+  if not md_spec.is_hierarchical(spec):
+    return {}
+  class_names = {str(k): str(w) for k, w in spec.get("class_names", {}).items()}
+  name_of = {class_names[str(l)]: f"{md_source}/{l}" for l in labels if str(l) in class_names}
+  return md_spec.hierarchy(spec, str(path), name_of)
+
+
 def _data_source(name: str, split: str, data_dir: str | None):
   """A random-access source, from the registered builder or straight from prepared files."""
   tfds = _tfds()
@@ -62,9 +91,7 @@ def _data_source(name: str, split: str, data_dir: str | None):
     try:
       return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.registered.DatasetNotFoundError:
-      root = Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
-      versions = sorted((root / name).glob("*.*.*"),
-                        key=lambda p: tuple(int(x) if x.isdigit() else -1 for x in p.name.split(".")))
+      root, versions = _versions(name, data_dir)
       if not versions:
         raise DataError(
             f"tfds:{name}: builder not registered and no prepared files under {root / name}; "
@@ -148,9 +175,12 @@ def load(spec: str, data_dir: str | None = None, seed: int = 0) -> Domain:
       raise DataError(f"tfds:{name}: unknown Meta-Dataset source; choose from {sorted(MD_SOURCES)}")
     reader = TfdsReader(f"meta_dataset/{md_source}", ("all_classes",), data_dir)
     scanned = scan_labels(reader, cache_dir)
-    classes = _classes(scanned, sorted(set(scanned["labels"].tolist())), f"{md_source}/")
+    labels = sorted(set(scanned["labels"].tolist()))
+    classes = _classes(scanned, labels, f"{md_source}/")
     splits = split_classes_by_count(classes, MD_SOURCES[md_source][2])
+    hierarchy = md_hierarchy(md_source, data_dir, labels)
   elif name in MD_SOURCES:
+    hierarchy = {}  # core TFDS builders carry no Meta-Dataset spec
     builder, tfds_splits, counts = MD_SOURCES[name]
     reader = TfdsReader(builder, tfds_splits, data_dir)
     scanned = scan_labels(reader, cache_dir)
@@ -184,7 +214,8 @@ def load(spec: str, data_dir: str | None = None, seed: int = 0) -> Domain:
     reader = TfdsReader(name, (split,), data_dir)
     scanned = scan_labels(reader, cache_dir)
     classes = _classes(scanned, sorted(set(scanned["labels"].tolist())), f"{name}/")
-    splits = {"train": (), "val": (), "test": tuple(classes)}
+    splits, hierarchy = {"train": (), "val": (), "test": tuple(classes)}, {}
   return Domain(name=f"tfds:{spec}", splits=splits, read=reader,
                 metadata={"source": "tfds", "builder": reader.name, "tfds_splits": list(reader.splits),
-                          "md_source": md_source if md_source in MD_SOURCES else None})
+                          "md_source": md_source if md_source in MD_SOURCES else None},
+                hierarchy=hierarchy)
