@@ -2,7 +2,8 @@
 
   smat meta-train --config configs/pmf_glyphs.py --workdir runs/pmf_glyphs
 
-configs/smat_glyphs.py with method "pmf": same backbone, episodes, length and δ schedule.
+configs/smat_glyphs.py with method "pmf": same backbone, episodes, augmentation, length and
+schedule (the per-epoch schedule on δ, the only group PMF has).
 """
 
 from smat.config import sibling

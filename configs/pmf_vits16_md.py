@@ -2,7 +2,8 @@
 
   smat meta-train --config configs/pmf_vits16_md.py --workdir runs/pmf_vits16_md
 
-configs/smat_vits16_md.py with method "pmf": same backbone, episodes, length and δ schedule.
+configs/smat_vits16_md.py with method "pmf": same backbone, episodes, augmentation, length and
+per-epoch schedule.
 """
 
 from smat.config import sibling

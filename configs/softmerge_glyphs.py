@@ -2,8 +2,8 @@
 
   smat meta-train --config configs/softmerge_glyphs.py --workdir runs/softmerge_glyphs
 
-configs/smat_glyphs.py with method "softmerge": same router, inner step, teachers, episodes and
-schedule.
+configs/smat_glyphs.py with method "softmerge": same router, inner step, teachers, episodes,
+augmentation and schedule.
 """
 
 from smat.config import sibling

@@ -2,7 +2,8 @@
 
   smat meta-train --config configs/softmerge_vits16_md.py --workdir runs/softmerge_vits16_md
 
-configs/smat_vits16_md.py with method "softmerge": same backbone, episodes, length and δ schedule.
+configs/smat_vits16_md.py with method "softmerge": same backbone, episodes, augmentation, length
+and schedule.
 """
 
 from smat.config import sibling
