@@ -273,6 +273,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
                                   config.data.prefetch, jax.process_index(), jax.process_count(),
                                   state=data_state)
   val = validation_batches(config)
+  guard = runs.DivergenceGuard(config, manager, workdir)
   history = _read_history(workdir, start)
   log = training.MetricsLog(workdir, resume_step=start)
   bar = tqdm(total=total, initial=start, desc=f"meta-train {hp.method}", unit="step",
@@ -287,7 +288,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
       if done % config.train.log_every == 0 or epoch_end or done == end:
         scalars = _host_metrics(metrics, state)
         _check_finite(state, manager, workdir)
-        runs.check_divergence(config, scalars, state.params, manager, workdir, done)
+        guard.check(scalars, state.params, done)
         runs.check_saves(manager, best_manager)
         now = time.perf_counter()
         scalars["tasks_per_s"] = (done - last_step) * batch_size / max(now - last_time, 1e-9)
@@ -300,10 +301,11 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
         result = evaluate(run, val)
         history.append({"step": done, "epoch": done // per_epoch, **result})
         log.write(done, {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
-        runs.check_validation(result, manager, workdir, done)
+        promote = guard.promote(result, done)
         data = batches.get_state()
         runs.save(_save, manager, state, rng, data)
-        runs.save(_save, best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
+        if promote:
+          runs.save(_save, best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
         if training.is_primary():
           _write_history(workdir, history)
         last_time = time.perf_counter()

@@ -6,8 +6,7 @@
   record_config   a resume keeps the run's config.json; changed values are an error unless
                   declared safe (`SAFE_TO_CHANGE`), and then recorded in config_changes.jsonl
   restore_intact  resume from the newest checkpoint that reads back, moving corrupt ones aside
-  check_divergence / check_validation
-                  stop before an exploding δ is saved or promoted to best/
+  DivergenceGuard stop before an exploding δ is saved; never promote one to best/
   check_saves     a failed background checkpoint write stops the run at once
 """
 
@@ -295,32 +294,62 @@ def _last_good(manager, workdir: str) -> str:
           else "no checkpoint was written yet")
 
 
-def check_divergence(config, scalars: dict, params, manager, workdir: str, step: int) -> None:
-  """Stop at a log step whose loss or max|δ| passes `train.max_loss` / `train.max_delta`:
-  the state is not saved, so neither checkpoints/ nor best/ ever holds an exploded δ."""
-  max_loss = config.train.get("max_loss", TRAIN_DEFAULTS["max_loss"])
-  max_delta = config.train.get("max_delta", TRAIN_DEFAULTS["max_delta"])
-  loss = scalars.get("loss")
-  reasons = []
-  if max_loss and loss is not None and not abs(loss) <= max_loss:
-    reasons.append(f"loss {loss:.3g} > train.max_loss={max_loss:g}")
-  if max_delta:
-    delta = delta_max(params)
-    scalars["max_delta"] = delta
-    if not delta <= max_delta:
-      reasons.append(f"max|δ| {delta:.3g} > train.max_delta={max_delta:g}")
-  if reasons:
-    raise SmatError(f"training diverged at step {step} ({', '.join(reasons)}); stopped before "
-                    f"saving it and {_last_good(manager, workdir)}. Lower optim.delta_lr / "
-                    f"optim.gate_lr or raise optim.warmup_epochs and run again (or raise "
-                    f"train.max_loss / train.max_delta if this is expected)")
+WARN_FRACTION = 0.1  # a loss or max|δ| past this fraction of its limit is a divergence warning
 
 
-def check_validation(result: dict, manager, workdir: str, step: int) -> None:
-  """A non-finite validation accuracy is never saved or promoted to best/."""
-  if not math.isfinite(result["accuracy"]) or not math.isfinite(result["ci95"]):
-    raise SmatError(f"validation at step {step} is non-finite ({result['accuracy']}); the state "
-                    f"was not saved and {_last_good(manager, workdir)}")
+class DivergenceGuard:
+  """Divergence caught on the host-side metrics of log steps, before anything is non-finite.
+
+  `check` stops the run at a log step whose |loss| or max|δ| passes `train.max_loss` /
+  `train.max_delta` (the state is not saved, so neither checkpoints/ nor best/ ever holds an
+  exploded δ) and warns past `WARN_FRACTION` of them. `promote` says whether a validated state
+  may become best/: never with a non-finite accuracy, nor at chance after a warning."""
+
+  def __init__(self, config, manager, workdir: str):
+    self.max_loss = config.train.get("max_loss", TRAIN_DEFAULTS["max_loss"])
+    self.max_delta = config.train.get("max_delta", TRAIN_DEFAULTS["max_delta"])
+    fixed = config.data.get("sampler", "fixed") == "fixed"
+    self.chance = 100.0 / config.data.ways if fixed else None
+    self.manager, self.workdir = manager, workdir
+    self.warned_at, self.good_before_warning = None, None
+
+  def check(self, scalars: dict, params, step: int) -> None:
+    loss = scalars.get("loss")
+    values = {}
+    if self.max_loss and loss is not None:
+      values["loss"] = (abs(loss), self.max_loss, "train.max_loss")
+    if self.max_delta:
+      scalars["max_delta"] = delta_max(params)
+      values["max|δ|"] = (scalars["max_delta"], self.max_delta, "train.max_delta")
+    over = [f"{name} {v:.3g} > {field}={limit:g}" for name, (v, limit, field) in values.items()
+            if not v <= limit]
+    if over:
+      raise SmatError(f"training diverged at step {step} ({', '.join(over)}); stopped before "
+                      f"saving it and {_last_good(self.manager, self.workdir)}. Lower "
+                      f"optim.delta_lr / optim.gate_lr or raise optim.warmup_epochs and run "
+                      f"again (or raise train.max_loss / train.max_delta if this is expected)")
+    near = [f"{name} {v:.3g}" for name, (v, limit, _) in values.items()
+            if v > WARN_FRACTION * limit]
+    if near and self.warned_at is None:
+      self.warned_at, self.good_before_warning = step, self.manager.latest_step()
+      print(f"warning: step {step}: {', '.join(near)} near the divergence limits "
+            f"(train.max_loss / train.max_delta); the last checkpoint before it is step "
+            f"{self.good_before_warning}", file=sys.stderr, flush=True)
+
+  def promote(self, result: dict, step: int) -> bool:
+    """Whether the state validated at `step` may be saved to best/ (raises when non-finite)."""
+    if not math.isfinite(result["accuracy"]) or not math.isfinite(result["ci95"]):
+      raise SmatError(f"validation at step {step} is non-finite ({result['accuracy']}); the "
+                      f"state was not saved and {_last_good(self.manager, self.workdir)}")
+    if (self.warned_at is not None and self.chance is not None
+        and result["accuracy"] <= self.chance + result["ci95"]):
+      print(f"warning: validation at step {step} is at chance ({result['accuracy']:.2f}% for "
+            f"1/{round(100 / self.chance)} = {self.chance:.2f}%) after the divergence warning at "
+            f"step {self.warned_at}: not promoted to best/; the last checkpoint before the "
+            f"warning, step {self.good_before_warning}, is the good one", file=sys.stderr,
+            flush=True)
+      return False
+    return True
 
 
 def _save_failed(manager, e: BaseException) -> SmatError:

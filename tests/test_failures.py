@@ -289,7 +289,7 @@ def test_decompression_bomb_is_a_corrupt_image_and_skip_corrupt_skips_it(tmp_pat
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64² > 2 × 1000: PIL refuses it
   spec = f"folder:{tmp_path / 'data'}"
   code, _, err = run(["data", "describe", spec], capsys)
-  assert_one_line_error(code, err, "bomb.png", "too large", "--skip-corrupt")
+  assert_one_line_error(code, err, "bomb.png", "pixel limit", "--skip-corrupt")
   domain = folder.load(str(tmp_path / "data"), skip_corrupt=True)
   assert domain.metadata["skipped_corrupt"] == 1
   assert cli.build_parser().parse_args(["evaluate", "--domains", spec, "--out", "r.json",
@@ -505,3 +505,39 @@ def test_divergence_stops_before_an_exploded_delta_is_saved(base, tmp_path):
   assert _steps(workdir / "checkpoints") == [2] and not _steps(workdir / "best")
   delta, _ = _saved_delta(base, workdir)
   assert max(float(np.abs(d).max()) for d in jax.tree.leaves(delta)) < 1e3
+
+
+class _Manager:
+  def __init__(self, step):
+    self.step = step
+
+  def latest_step(self):
+    return self.step
+
+
+def test_after_a_divergence_warning_a_validation_at_chance_is_not_promoted(capsys):
+  import ml_collections
+
+  config = ml_collections.ConfigDict({"train": {"max_loss": 1e4, "max_delta": 1e3},
+                                      "data": {"sampler": "fixed", "ways": 5}})
+  guard = runs.DivergenceGuard(config, _Manager(10), "w")
+  delta = {"delta": {"w": np.full(3, 0.5, np.float32)}}
+  guard.check({"loss": 1.2}, delta, 11)
+  assert guard.promote({"accuracy": 20.0, "ci95": 2.0}, 12)  # at chance, but no warning: kept
+  guard.check({"loss": 1.5}, {"delta": {"w": np.full(3, 400.0, np.float32)}}, 13)
+  assert "max|δ| 400 near the divergence limits" in capsys.readouterr().err
+  assert not guard.promote({"accuracy": 21.0, "ci95": 2.0}, 14)
+  err = capsys.readouterr().err
+  assert "step 14 is at chance" in err and "step 10, is the good one" in err
+  assert guard.promote({"accuracy": 60.0, "ci95": 2.0}, 16)  # recovered: a real result
+  with pytest.raises(SmatError, match="validation at step 18 is non-finite.*step 10"):
+    guard.promote({"accuracy": float("nan"), "ci95": 0.0}, 18)
+  with pytest.raises(SmatError, match=r"diverged at step 19 \(loss 2e\+04 > train\.max_loss"):
+    guard.check({"loss": 2e4}, delta, 19)
+
+
+def test_a_pretrain_workdir_that_is_a_file(tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  code, _, err = run(["pretrain", "--workdir", tmp_path / "file"], capsys)
+  assert_one_line_error(code, err, "is a file")
+  assert (tmp_path / "file").read_text() == "x"

@@ -97,8 +97,8 @@ def load(root: str, skip_corrupt: bool = False) -> Domain:
       elif skip_corrupt:
         skipped.append(str(path))
       else:
-        raise DataError(f"{path}: unreadable, corrupt or too large image (more than "
-                        f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels); fix or delete it, or "
+        raise DataError(f"{path}: unreadable or corrupt image, or one over PIL's "
+                        f"{2 * (Image.MAX_IMAGE_PIXELS or 0)}-pixel limit; fix or delete it, or "
                         f"pass --skip-corrupt to skip such files")
     if not good:
       raise DataError(f"{class_dir}: class folder has no readable images "
