@@ -211,29 +211,32 @@ def _aside(directory: str, step: int, why: str) -> str:
 def restore_intact(manager, best_manager, restore, workdir: str, primary: bool = True):
   """`restore(step)` of the newest checkpoint in `manager` that reads back (None: no checkpoint).
 
-  An unreadable one (a truncated array file) is moved aside to `checkpoints/corrupt-<step>`
-  with a warning naming it and the reason. Checkpoints of `best_manager` newer than the step
-  resumed from belong to a future the run is about to redo; they move to `best/superseded-<step>`
-  so that best/ stays consistent with the resumed run (which would otherwise fail to save that
-  step again)."""
+  Newer ones that do not (a truncated array file) are moved aside to `checkpoints/corrupt-<step>`
+  with a warning naming each and the reason. When none reads back nothing is moved (that is a
+  run of another shape, not damage): one error line. Checkpoints of `best_manager` newer than
+  the step resumed from belong to a future the run is about to redo; they move to
+  `best/superseded-<step>` so that best/ stays consistent with the resumed run (which would
+  otherwise fail to save that step again)."""
   directory = os.path.join(workdir, "checkpoints")
-  result, resumed = None, None
+  result, resumed, failed = None, None, []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      result = restore(step)
-      resumed = step
+      result, resumed = restore(step), step
       break
     except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
-      moved = _aside(directory, step, "corrupt") if primary else "left to the primary"
-      print(f"warning: checkpoint {directory}/{step} is unreadable ({_first_line(e)}); skipped "
-            f"it ({moved})", file=sys.stderr, flush=True)
-  if resumed is None and manager.all_steps():
-    raise SmatError(f"{directory}: no checkpoint reads back (moved to corrupt-<step>); run the "
-                    f"same command again to start this run afresh")
-  if resumed is not None and resumed != manager.latest_step():
-    print(f"warning: resuming from step {resumed}, the newest intact checkpoint",
-          file=sys.stderr, flush=True)
-  manager.reload()
+      failed.append((step, _first_line(e)))
+  if failed and resumed is None:
+    step, why = failed[0]
+    raise SmatError(f"{directory}: no checkpoint reads back (step {step}: {why}); if they are "
+                    f"damaged, move them away to start afresh, else resume with the run's own "
+                    f"config")
+  for step, why in failed:
+    moved = _aside(directory, step, "corrupt") if primary else "left to the primary"
+    print(f"warning: checkpoint {directory}/{step} is unreadable ({why}); skipped it ({moved}), "
+          f"resuming from step {resumed}, the newest intact checkpoint", file=sys.stderr,
+          flush=True)
+  if failed:
+    manager.reload()
   best_dir = os.path.join(workdir, "best")
   newer = [s for s in best_manager.all_steps() if resumed is None or s > resumed]
   for step in newer if primary else ():

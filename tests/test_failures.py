@@ -449,6 +449,15 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(base, f
   metatrain.load_run(str(workdir))  # best/ is consistent and reads back
 
 
+def test_checkpoints_of_another_run_shape_are_an_error_and_stay(base, finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished / "checkpoints", workdir / "checkpoints")  # no config.json with them
+  config = config_lib.load("configs/smat_glyphs.py:smoke", base)
+  with pytest.raises(SmatError, match=r"no checkpoint reads back \(step 4: "):
+    metatrain.train_and_evaluate(config, str(workdir), progress=False)
+  assert _steps(workdir / "checkpoints") == [2, 4]  # nothing moved: not damage
+
+
 def test_a_deleted_latest_checkpoint_with_a_newer_best_resumes(base, finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
