@@ -59,6 +59,8 @@ def _cmd_prepare(args) -> None:
   from smat.data.sources import fashion_mnist, glyphs
   from smat.data.spec import default_data_dir
 
+  _at_least(args, 1, "size", "instances", "workers", "max_classes_per_script")
+  _at_least(args, 0, "seed")
   if args.dataset == "fashion_mnist":
     domain = fashion_mnist.load()
     print(f"fashion_mnist: {domain.describe()['num_images']} images found in {domain.metadata['path']}")

@@ -81,6 +81,7 @@ def from_json(path: str) -> ml_collections.ConfigDict:
 
     saved = _merged(defaults.base(saved["method"]).to_dict(), saved)
   config = ml_collections.ConfigDict(saved)
+  _add_missing(config)
   config.lock()
   return config
 

@@ -550,3 +550,23 @@ def test_a_pretrain_workdir_that_is_a_file(tmp_path, capsys):
   code, _, err = run(["pretrain", "--workdir", tmp_path / "file"], capsys)
   assert_one_line_error(code, err, "is a file")
   assert (tmp_path / "file").read_text() == "x"
+
+
+def test_prepare_counts(capsys):
+  for flag in ("--size", "--instances", "--workers"):
+    code, _, err = run(["data", "prepare", "glyphs", flag, "0"], capsys)
+    assert_one_line_error(code, err, f"{flag} 0")
+
+
+def test_a_run_saved_before_the_guard_fields_resumes_without_a_difference(tmp_path):
+  import ml_collections
+
+  config = config_lib.load(PMF, ["--config.data.image_size=16"])
+  old = json.loads(config.to_json_best_effort())
+  for key in runs.TRAIN_DEFAULTS:
+    del old["train"][key]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+  runs.record_config(str(tmp_path), config.to_json_best_effort(indent=1))
+  assert not (tmp_path / runs.CHANGES).exists()
+  assert isinstance(config_lib.from_json(str(tmp_path / "config.json")), ml_collections.ConfigDict)
