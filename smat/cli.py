@@ -32,6 +32,7 @@ SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -518,7 +519,18 @@ def main(argv: list[str] | None = None) -> int:
   except SmatError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS:
+      raise
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{e.strerror or e}; free space or fix the destination and run the same "
+          f"command again (runs resume from their last checkpoint)", file=sys.stderr)
+    return 2
   return 0
+
+
+# A full, read-only or failing disk: the environment, not a bug (one line, not a traceback).
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES})
 
 
 if __name__ == "__main__":

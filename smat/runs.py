@@ -40,7 +40,7 @@ LOCK = "lock"
 
 _COUNTS = {  # field → minimum
     "data.meta_batch_size": 1, "data.image_size": 1, "data.ways": 2, "data.shots": 1,
-    "data.queries": 1, "data.loader_threads": 1, "data.prefetch": 0, "experts.num_experts": 1,
+    "data.queries": 1, "data.loader_threads": 0, "data.prefetch": 0, "experts.num_experts": 1,
     "train.epochs": 1, "train.episodes_per_epoch": 1, "train.log_every": 1,
     "train.keep_checkpoints": 1, "val.episodes": 1, "val.batch_size": 1, "seed": 0,
 }

@@ -570,3 +570,17 @@ def test_a_run_saved_before_the_guard_fields_resumes_without_a_difference(tmp_pa
   runs.record_config(str(tmp_path), config.to_json_best_effort(indent=1))
   assert not (tmp_path / runs.CHANGES).exists()
   assert isinstance(config_lib.from_json(str(tmp_path / "config.json")), ml_collections.ConfigDict)
+
+
+def test_a_full_disk_mid_run_is_one_line(monkeypatch, capsys):
+  from smat.data import spec
+
+  def full(*args, **kwargs):  # as MetricsLog.write or a figure's save would raise
+    raise OSError(28, "No space left on device", "/runs/x/metrics.jsonl")
+
+  monkeypatch.setattr(spec, "load_domains", full)
+  code, _, err = run(["data", "describe", "glyphs:id"], capsys)
+  assert_one_line_error(code, err, "/runs/x/metrics.jsonl: No space left on device")
+  monkeypatch.setattr(spec, "load_domains", lambda *a, **k: [][1])  # a bug stays a traceback
+  with pytest.raises(IndexError):
+    cli.main(["data", "describe", "glyphs:id"])
