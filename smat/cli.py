@@ -505,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  program = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   spaced = [a for a in overrides if "=" not in a]
@@ -518,15 +519,28 @@ def main(argv: list[str] | None = None) -> int:
     args.run(args)
   except SmatError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return _failed_write(program) if type(e).__name__ == "WriteError" else 2
   except OSError as e:
     if e.errno not in _DISK_ERRNOS:
       raise
     where = f"{e.filename}: " if e.filename else ""
     print(f"error: {where}{e.strerror or e}; free space or fix the destination and run the same "
           f"command again (runs resume from their last checkpoint)", file=sys.stderr)
-    return 2
+    return _failed_write(program)
   return 0
+
+
+def _failed_write(program: bool) -> int:
+  """Exit code 2. As the program (not a library call), end the process now: after a failed
+  write, background writers (orbax, TensorBoard) fail again in their exit handlers and would
+  print their tracebacks after the one error line."""
+  if program:
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+  return 2
 
 
 # A full, read-only or failing disk: the environment, not a bug (one line, not a traceback).

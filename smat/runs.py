@@ -116,19 +116,31 @@ class WorkdirLock:
       raise SmatError(f"{os.path.dirname(self.path)}: another `smat meta-train` is running in "
                       f"this workdir ({holder}); wait for it, stop it, or pick another "
                       f"--workdir") from None
-    self.file.seek(0)
-    self.file.truncate()
-    json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, self.file)
-    self.file.flush()
+    try:
+      self.file.seek(0)
+      self.file.truncate()
+      json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, self.file)
+      self.file.flush()
+    except OSError as e:
+      self.__exit__()
+      raise SmatError(f"{self.path}: cannot write the workdir lock ({e.strerror}); free space "
+                      f"or pick a writable --workdir") from None
     return self
 
   def __exit__(self, *exc):
     if self.file is not None:
-      self.file.seek(0)
-      self.file.truncate()
-      self.file.close()  # closing releases the flock
-      self.file = None
+      try:
+        self.file.seek(0)
+        self.file.truncate()
+      except OSError:
+        pass
+      finally:
+        try:
+          self.file.close()  # closing releases the flock
+        except OSError:  # buffered bytes that no longer fit on a full disk
+          pass
+        self.file = None
 
 
 def _holder(text: str) -> str:
@@ -355,12 +367,17 @@ class DivergenceGuard:
     return True
 
 
+class WriteError(SmatError):
+  """A checkpoint write failed (disk full, I/O error): the CLI ends the process at once, so that
+  background writers' exit handlers add no tracebacks to the one error line."""
+
+
 def _save_failed(manager, e: BaseException) -> SmatError:
   intact = [step for step in manager.all_steps()
             if os.path.isdir(os.path.join(manager.directory, str(step)))]
   kept = (f"the last intact checkpoint is step {max(intact)} in {manager.directory}" if intact
           else "no checkpoint was written yet")
-  return SmatError(f"writing a checkpoint in {manager.directory} failed ({_first_line(e)}); the "
+  return WriteError(f"writing a checkpoint in {manager.directory} failed ({_first_line(e)}); the "
                    f"run stopped and {kept}. Free disk space and run the same command again to "
                    f"resume")
 
@@ -397,20 +414,21 @@ def finish_saves(*managers) -> None:
     raise failure
 
 
-class _OrbaxErrors(logging.Filter):
-  """Drops orbax's error records (with their tracebacks): a failed write is raised as one
-  `error:` line by `check_saves` / `finish_saves` instead."""
+class _WriterErrors(logging.Filter):
+  """Drops the error records of orbax's background writers (with their tracebacks, and those
+  of the asyncio futures and thread-pool callbacks they run on): a failed write is raised as one
+  `error:` line by `check_saves` / `finish_saves` (or the CLI) instead."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    return not (record.name in ("asyncio", "concurrent.futures")
+                or f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def quiet_orbax_errors() -> None:
-  """Install `_OrbaxErrors` on the loggers orbax writes through (once)."""
-  for name in ("absl", ""):
+  """Install `_WriterErrors` on the loggers orbax's writers log through (once)."""
+  for name in ("absl", "asyncio", "concurrent.futures", ""):
     logger = logging.getLogger(name)
-    if not any(isinstance(f, _OrbaxErrors) for f in logger.filters):
-      logger.addFilter(_OrbaxErrors())
-    for handler in logger.handlers:
-      if not any(isinstance(f, _OrbaxErrors) for f in handler.filters):
-        handler.addFilter(_OrbaxErrors())
+    if not any(isinstance(f, _WriterErrors) for f in logger.filters):
+      logger.addFilter(_WriterErrors())
