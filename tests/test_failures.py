@@ -584,3 +584,19 @@ def test_a_full_disk_mid_run_is_one_line(monkeypatch, capsys):
   monkeypatch.setattr(spec, "load_domains", lambda *a, **k: [][1])  # a bug stays a traceback
   with pytest.raises(IndexError):
     cli.main(["data", "describe", "glyphs:id"])
+
+
+def test_evaluate_of_overflowing_features_is_an_error_not_chance(glyphs_data_dir, tmp_path,
+                                                                 capsys):
+  data_dir, _, _ = glyphs_data_dir
+  huge = tmp_path / "huge"  # finite weights whose features overflow to Inf/NaN
+  checkpoint.save(str(huge), jax.tree.map(lambda p: p * 1e30, vit.init(CFG, jax.random.key(0))),
+                  CFG)
+  out = tmp_path / "r.json"
+  for route in ("2", "40"):  # per-episode embedding, and the cached feature table
+    code, stdout, err = run(["evaluate", "--method", "pre", "--backbone", huge, "--domains",
+                             "glyphs:ood", "--ways", "3", "--queries", "1", "--episodes", route,
+                             "--lr-search-episodes", "1", "--data-dir", data_dir, "--out", out],
+                            capsys)
+    assert_one_line_error(code, err, "glyphs:ood: non-finite accuracy")
+    assert not out.exists() and "±" not in stdout
