@@ -339,8 +339,12 @@ class DivergenceGuard:
     over = [f"{name} {v:.3g} > {field}={limit:g}" for name, (v, limit, field) in values.items()
             if not v <= limit]
     if over:
+      good = _last_good(self.manager, self.workdir)
+      if self.warned_at is not None:
+        good = (f"the last checkpoint before the divergence warning at step {self.warned_at} is "
+                f"step {self.good_before_warning} in {self.workdir}/checkpoints")
       raise SmatError(f"training diverged at step {step} ({', '.join(over)}); stopped before "
-                      f"saving it and {_last_good(self.manager, self.workdir)}. Lower "
+                      f"saving it and {good}. Lower "
                       f"optim.delta_lr / optim.gate_lr or raise optim.warmup_epochs and run "
                       f"again (or raise train.max_loss / train.max_delta if this is expected)")
     near = [f"{name} {v:.3g}" for name, (v, limit, _) in values.items()
