@@ -32,6 +32,7 @@ SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -59,6 +60,8 @@ def _cmd_prepare(args) -> None:
   from smat.data.sources import fashion_mnist, glyphs
   from smat.data.spec import default_data_dir
 
+  _at_least(args, 1, "size", "instances", "workers", "max_classes_per_script")
+  _at_least(args, 0, "seed")
   if args.dataset == "fashion_mnist":
     domain = fashion_mnist.load()
     print(f"fashion_mnist: {domain.describe()['num_images']} images found in {domain.metadata['path']}")
@@ -113,24 +116,39 @@ def _sampler_args(parser: argparse.ArgumentParser, queries: int) -> None:
   parser.add_argument("--queries", type=int, default=queries)
 
 
+def _at_least(args, minimum: int, *names: str) -> None:
+  """Every count up front: a zero or negative count would give a traceback, a silent fallback
+  or a meaningless number (0 queries report 0.00 ± 0.00)."""
+  for name in names:
+    value = getattr(args, name, None)
+    if value is not None and value < minimum:
+      raise SmatError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
+
+
 def _sampler_from_args(args):
   from smat.data.samplers import FixedSampler, MetaDatasetSampler
 
+  _at_least(args, 1, "shots", "queries", "episodes", "batch_size", "image_size")
+  _at_least(args, 0, "seed", "index")
+  _at_least(args, 2, "ways")
   if args.sampler == "md":
     return MetaDatasetSampler()
   return FixedSampler(args.ways, args.shots, args.queries)
 
 
 def _cmd_show(args) -> None:
+  from smat import outputs
   from smat.data.loader import EpisodeSource
   from smat.data.show import episode_grid
   from smat.data.spec import load_domains
 
+  outputs.check_output(args.out, "--out", (".png",))
+  sampler = _sampler_from_args(args)
   domains = load_domains(args.spec, args.data_dir, skip_corrupt=args.skip_corrupt)
-  source = EpisodeSource(tuple(domains), args.split, _sampler_from_args(args), args.image_size,
-                         seed=args.seed)
+  source = EpisodeSource(tuple(domains), args.split, sampler, args.image_size, seed=args.seed)
   episode = source.episode(args.index)
-  episode_grid(episode).save(args.out)
+  grid = episode_grid(episode)
+  outputs.write_atomic(args.out, lambda f: grid.save(f, format="PNG"), "wb")
   print(f"{args.out}: episode {args.index} of {domains[int(episode.domain)].name} [{args.split}], "
         f"{int(episode.class_mask.sum())}-way, {int(episode.support_mask.sum())} support, "
         f"{int(episode.query_mask.sum())} query images")
@@ -213,11 +231,17 @@ def _cmd_evaluate(args) -> None:
   import dataclasses
   import os
 
-  from smat import evaluate, metatrain
+  from smat import evaluate, metatrain, outputs
   from smat import config as config_lib
   from smat.data.episodes import split_resize_ratio
   from smat.data.spec import load_domains
 
+  outputs.check_output(args.out, "--out", (".json",))
+  specs = [s.strip() for s in args.domains.split(",") if s.strip()]
+  if not specs:
+    raise SmatError(f"--domains {args.domains!r}: no data SPEC given; e.g. --domains glyphs:ood")
+  sampler = _sampler_from_args(args)
+  ft = _finetune_from_args(args)
   if args.method == "pre":
     if not args.backbone:
       raise SmatError("--method pre evaluates a frozen backbone: give --backbone DIR (or a "
@@ -237,18 +261,17 @@ def _cmd_evaluate(args) -> None:
     ratio = run_config.data.get("test_resize_ratio")
   ratio = split_resize_ratio(
       "test", ratio if args.test_resize_ratio is None else args.test_resize_ratio)
-  specs = [s.strip() for s in args.domains.split(",") if s.strip()]
   if args.id_domains is not None:
     id_specs = [s for s in args.id_domains.split(",") if s]
   else:
     trained = run_config.data.train.split(",") if run_config else []
     id_specs = [s for s in specs if s in trained]
-  groups = {spec: load_domains(spec, args.data_dir, seed=args.seed) for spec in specs}
-  sampler = _sampler_from_args(args)
-  ft = _finetune_from_args(args)
+  groups = {spec: load_domains(spec, args.data_dir, skip_corrupt=args.skip_corrupt,
+                               seed=args.seed) for spec in specs}
   results = evaluate.evaluate_domains(model, groups, sampler, image_size, args.episodes,
                                       args.seed, args.adapt, ft, args.lr, args.batch_size,
                                       resize_ratio=ratio)
+  evaluate.check_results(results)
   ood_specs = [s for s in specs if s not in id_specs]
   table = evaluate.results_table(results, id_specs, method)
   out = {"method": method, "adapt": args.adapt,
@@ -262,9 +285,8 @@ def _cmd_evaluate(args) -> None:
          "averages": evaluate.summarize(results, id_specs, ood_specs),
          "config": run_config.to_dict() if run_config else None,
          "software": evaluate.software_versions(), "table": table}
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(table)
+  print(table)  # before the write: a failed write loses no numbers
+  outputs.write_atomic(args.out, lambda f: json.dump(out, f, indent=1))
   averages = out["averages"]
   print(f"ID average: {averages['id'] if averages['id'] is None else round(averages['id'], 2)}"
         f", OOD average: "
@@ -276,9 +298,10 @@ def _cmd_import_backbone(args) -> None:
   from smat.models import checkpoint
 
   overrides = {} if args.layer_norm_eps is None else {"layer_norm_eps": args.layer_norm_eps}
+  checkpoint.check_writable(args.out, args.force)  # before the weights are read
   params, config = checkpoint.load(args.weights, args.format, args.arch, **overrides)
-  checkpoint.save(args.out, params, config, source=args.weights, format=args.format,
-                  arch=args.arch)
+  checkpoint.save(args.out, params, config, force=args.force, source=args.weights,
+                  format=args.format, arch=args.arch)
   print(f"{args.out}: {args.arch} from {args.format} weights "
         f"(layer_norm_eps {config.layer_norm_eps}, {config.image_size} px position embeddings)")
 
@@ -286,13 +309,17 @@ def _cmd_import_backbone(args) -> None:
 def _cmd_embed(args) -> None:
   import numpy as np
 
-  from smat import embed
+  from smat import embed, outputs
   from smat.models import checkpoint
 
+  _at_least(args, 1, "batch_size", "image_size")
+  outputs.check_output(args.out, "--out", (".npz",))
+  embed.image_paths(args.images)  # a missing or empty folder before the backbone is read
   params, config = checkpoint.load(args.backbone, args.format, args.arch)
   features, paths = embed.embed_folder(params, config, args.images, args.image_size,
                                        args.batch_size)
-  np.savez(args.out, features=features, paths=np.asarray(paths))
+  outputs.write_atomic(args.out, lambda f: np.savez(f, features=features,
+                                                    paths=np.asarray(paths)), "wb")
   print(f"{args.out}: features {features.shape} for {len(paths)} images")
 
 
@@ -440,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                   help="test images resized to round(ratio · image size), then centre-cropped; "
                        "1: no crop (default: the run's data.test_resize_ratio, or 146/128)")
   ev.add_argument("--out", required=True, help="results JSON")
+  ev.add_argument("--skip-corrupt", action="store_true",
+                  help="skip unreadable images of folder: domains (counted) instead of failing")
   _data_dir_arg(ev)
   ev.set_defaults(run=_cmd_evaluate)
 
@@ -463,7 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")
   _backbone_args(imp, required=True)
   imp.add_argument("--weights", required=True, help="the .safetensors file")
-  imp.add_argument("--out", required=True, help="backbone directory to write")
+  imp.add_argument("--out", required=True,
+                   help="backbone directory to write (an existing backbone is replaced; any "
+                        "other non-empty directory is refused)")
+  imp.add_argument("--force", action="store_true",
+                   help="replace --out even when it is a non-empty directory that is not a "
+                        "backbone")
   imp.add_argument("--layer-norm-eps", type=float, default=None,
                    help="override LayerNorm epsilon (default: timm 1e-6, hf 1e-12)")
   imp.set_defaults(run=_cmd_import_backbone)
@@ -481,16 +515,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  program = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   overrides = [a for a in argv if a.startswith("--config.")]
+  spaced = [a for a in overrides if "=" not in a]
+  if spaced:  # before argparse, which would report the value as an unrecognised argument
+    print(f"error: {spaced[0]}: expected --config.FIELD=VALUE (with '=', no space)",
+          file=sys.stderr)
+    return 2
   args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
   args.overrides = overrides
   try:
     args.run(args)
   except SmatError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return _failed_write(program) if type(e).__name__ == "WriteError" else 2
+  except OSError as e:
+    if e.errno not in _DISK_ERRNOS:
+      raise
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{e.strerror or e}; free space or fix the destination and run the same "
+          f"command again (runs resume from their last checkpoint)", file=sys.stderr)
+    return _failed_write(program)
   return 0
+
+
+def _failed_write(program: bool) -> int:
+  """Exit code 2. As the program (not a library call), end the process now: after a failed
+  write, background writers (orbax, TensorBoard) fail again in their exit handlers and would
+  print their tracebacks after the one error line."""
+  if program:
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+  return 2
+
+
+# A full, read-only or failing disk: the environment, not a bug (one line, not a traceback).
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES})
 
 
 if __name__ == "__main__":

@@ -22,16 +22,41 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   file = Path(path)
   if not file.is_file():
     raise SmatError(f"config {path}: file not found (configs live in configs/<name>.py)")
+  if file.suffix != ".py":
+    raise SmatError(f"config {path}: not a Python config file (configs live in "
+                    f"configs/<name>.py)")
   module_spec = importlib.util.spec_from_file_location(f"smat_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise SmatError(f"config {path}: defines no get_config(arg=None)")
-  config = module.get_config(arg or None)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # a file that is not a config: anything can go wrong in it
+    raise SmatError(f"config {path}: not a config file, it fails to run "
+                    f"({type(e).__name__}: {e})") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise SmatError(f"config {path}: defines no get_config(arg=None); is it a config file?")
+  try:
+    config = module.get_config(arg or None)
+  except (ValueError, KeyError, TypeError) as e:  # e.g. an unknown variant after ':'
+    raise SmatError(f"config {spec}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise SmatError(f"config {path}: get_config returned {type(config).__name__}, not a "
+                    f"ConfigDict; is it a config file?")
+  _add_missing(config)
   config.lock()
   for override in overrides:
     apply_override(config, override, path)
   return config
+
+
+def _add_missing(config: ml_collections.ConfigDict) -> None:
+  """Fields of a meta-training config that config files predating them lack
+  (`smat.runs.TRAIN_DEFAULTS`), so that they can be overridden like any other."""
+  if "method" in config and "train" in config and "experts" in config:
+    from smat import runs
+
+    for key, value in runs.TRAIN_DEFAULTS.items():
+      if key not in config.train:
+        config.train[key] = value
 
 
 def sibling(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,6 +81,7 @@ def from_json(path: str) -> ml_collections.ConfigDict:
 
     saved = _merged(defaults.base(saved["method"]).to_dict(), saved)
   config = ml_collections.ConfigDict(saved)
+  _add_missing(config)
   config.lock()
   return config
 

@@ -17,18 +17,18 @@ import numpy as np
 from PIL import Image
 
 from smat.data.domain import to_rgb
-from smat.data.sources.folder import IMAGE_SUFFIXES
+from smat.data.sources.folder import IMAGE_SUFFIXES, UNREADABLE, image_files
 from smat.errors import DataError
 from smat.models import vit
 
 
 def image_paths(root: str) -> list[str]:
-  """Image files under `root` (recursively), as sorted paths relative to it."""
+  """Image files under `root` (recursively, as `folder:` domains see them), as sorted paths
+  relative to it."""
   base = Path(root)
   if not base.is_dir():
     raise DataError(f"--images {root}: not a directory")
-  paths = sorted(str(p.relative_to(base)) for p in base.rglob("*")
-                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  paths = sorted(str(p.relative_to(base)) for p in image_files(base))
   if not paths:
     raise DataError(f"--images {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
   return paths
@@ -39,7 +39,7 @@ def load_image(path: str, size: int) -> np.ndarray:
   try:
     with Image.open(path) as image:
       pixels = to_rgb(image)  # handles alpha, palettes, 16-bit and CMYK the same at any size
-  except (OSError, SyntaxError, ValueError) as e:
+  except UNREADABLE as e:
     raise DataError(f"{path}: unreadable image ({e}); remove or replace it") from None
   height, width = pixels.shape[:2]
   if (height, width) == (size, size):
@@ -82,4 +82,10 @@ def embed_folder(params, config: vit.ViTConfig, root: str, image_size: int | Non
   size = image_size or config.image_size
   paths = image_paths(root)
   load = lambda i: load_image(str(Path(root) / paths[i]), size)
-  return embed_all(params, config, load, len(paths), size, batch_size, progress), paths
+  features = embed_all(params, config, load, len(paths), size, batch_size, progress)
+  bad = np.flatnonzero(~np.isfinite(features).all(1))
+  if bad.size:
+    raise DataError(f"{Path(root) / paths[bad[0]]}: non-finite features (NaN/Inf) for {bad.size} "
+                    f"of {len(paths)} images; the backbone's weights or numerics are broken "
+                    f"(try backbone dtype float32) — nothing was written")
+  return features, paths

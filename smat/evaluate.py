@@ -15,6 +15,7 @@ import numpy as np
 from smat import fewshot, finetune, metatrain
 from smat.data import loader
 from smat.data.samplers import FixedSampler
+from smat.errors import SmatError
 
 
 def _per_task(model) -> bool:
@@ -151,3 +152,14 @@ def results_table(results: dict, id_domains, method: str) -> str:
                  f"{r['ways_mean']:.1f} | {r['shots_mean']:.1f} |"
                  + (f" {r['lr']:g} |" if tuned else ""))
   return "\n".join(lines)
+
+
+def check_results(results: dict) -> None:
+  """A non-finite accuracy is an error naming the domain, never a reported result."""
+  for name, r in results.items():
+    values = [r["accuracy"], r["ci95"], *r.get("per_episode", ())]
+    bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+    if bad:
+      raise SmatError(f"{name}: non-finite accuracy (NaN/Inf features or logits) in "
+                      f"{len(bad)} episode(s); check the weights of the model (smat embed shows "
+                      f"its features) — nothing was written")

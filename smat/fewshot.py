@@ -43,11 +43,14 @@ def accuracy_summary(accuracies, seconds: float) -> dict:
 
 def episode_accuracy(support_features, support_labels, support_mask, query_features,
                      query_labels, query_mask, class_mask) -> jax.Array:
-  """Query accuracy of one episode under the cosine ProtoNet head."""
+  """Query accuracy of one episode under the cosine ProtoNet head; NaN when a logit of a real
+  query is not finite (NaN/Inf features would otherwise score as class 0, a chance-level number
+  that reads like a result)."""
   protos = protonet.prototypes(support_features, support_labels, support_mask,
                                class_mask.shape[0])
   logits = protonet.cosine_logits(query_features, protos, class_mask)
-  return protonet.accuracy(logits, query_labels, query_mask)
+  finite = jnp.all(jnp.isfinite(logits) | ~query_mask[:, None])
+  return jnp.where(finite, protonet.accuracy(logits, query_labels, query_mask), jnp.nan)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from smat import fewshot, sparsity, training
+from smat import fewshot, runs, sparsity, training
 from smat.data import loader
 from smat.errors import SmatError
 from smat.meta import step as meta_step
@@ -263,7 +263,9 @@ def load_run(workdir: str, which: str = "best") -> Run:
   manager = training.checkpoint_manager(os.path.join(workdir, which), 1)
   if manager.latest_step() is None:
     raise SmatError(f"{workdir}/{which}: no checkpoint yet; train with `smat meta-train`")
-  state, _, _ = restore(manager, state, jax.random.key(0))
+  state, _, _ = runs.readable(lambda: restore(manager, state, jax.random.key(0)),
+                              f"{workdir}/{which}")
+  runs.check_finite_params(state.params, f"{workdir}/{which}")
   return Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
 
 
@@ -298,17 +300,24 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   """Meta-train (or resume) to the configured length; validate each epoch; keep the best.
 
   `stop_after` ends this invocation after that many total steps (as a crash would); calling
-  again with the same config resumes exactly.
+  again with the same config resumes exactly. The config is checked and the workdir locked first
+  (`smat.runs`).
   """
+  runs.check_config(config)
+  runs.prepare_workdir(workdir)
+  runs.quiet_orbax_errors()
+  with runs.WorkdirLock(workdir, training.is_primary()):
+    return _train_and_evaluate(config, workdir, stop_after, progress)
+
+
+def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: bool) -> dict:
   from tqdm.auto import tqdm
 
-  os.makedirs(workdir, exist_ok=True)
   saved = config.copy_and_resolve_references()
   if saved.backbone.path and os.path.exists(saved.backbone.path):  # usable from any directory
     saved.backbone.path = os.path.abspath(saved.backbone.path)
   if training.is_primary():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(saved.to_json_best_effort(indent=1))
+    runs.record_config(workdir, saved.to_json_best_effort(indent=1))
   mesh = training.data_mesh()
   batch_size = config.data.meta_batch_size
   training.check_divisible(batch_size, "data.meta_batch_size", mesh)
@@ -323,7 +332,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
   manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                         config.train.keep_checkpoints)
   best_manager = training.checkpoint_manager(os.path.join(workdir, "best"), 1, "val_accuracy")
-  state, rng, data_state = restore(manager, state, jax.random.key(config.seed + 1))
+  key = jax.random.key(config.seed + 1)
+  state, rng, data_state = runs.restore_intact(
+      manager, best_manager, lambda step: restore(manager, state, key, step), workdir,
+      training.is_primary()) or (state, key, None)
   rng = training.replicate(rng, replicated)  # fresh and restored runs share one compiled step
   start = int(state.step)
   end = total if stop_after is None else min(stop_after, total)
@@ -332,6 +344,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
                                   config.data.prefetch, jax.process_index(), jax.process_count(),
                                   state=data_state)
   val = validation_sources(config)
+  guard = runs.DivergenceGuard(config, manager, workdir)
   history = _read_history(workdir, start)
   log = training.MetricsLog(workdir, resume_step=start)
   bar = tqdm(total=total, initial=start, desc=f"meta-train {hp.method}", unit="step",
@@ -346,6 +359,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
       if done % config.train.log_every == 0 or epoch_end or done == end:
         scalars = _host_metrics(metrics, state)
         _check_finite(state, manager, workdir)
+        guard.check(scalars, state.params, done)
+        runs.check_saves(manager, best_manager)
         now = time.perf_counter()
         scalars["tasks_per_s"] = (done - last_step) * batch_size / max(now - last_time, 1e-9)
         scalars.update({f"{g}_lr": float(lr(done - 1) if callable(lr) else lr)
@@ -358,18 +373,19 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
         result = evaluate(run, val)
         history.append({"step": done, "epoch": done // per_epoch, **result})
         log.write(done, {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
+        promote = guard.promote(result, done)
         data = batches.get_state()
-        _save(manager, state, rng, data)
-        _save(best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
+        runs.save(_save, manager, state, rng, data)
+        if promote:
+          runs.save(_save, best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
         if training.is_primary():
           _write_history(workdir, history)
         last_time = time.perf_counter()
       bar.update(1)
   finally:
     bar.close()
-    manager.wait_until_finished()
-    best_manager.wait_until_finished()
     log.close()
+    runs.finish_saves(manager, best_manager)
   summary = {"method": hp.method, "stopped_at": int(state.step), "total_steps": total,
              "tasks_seen": int(state.tasks_seen), "validation": history,
              "train_seconds": time.perf_counter() - train_start}

@@ -190,7 +190,9 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   """
   from tqdm.auto import tqdm
 
-  os.makedirs(workdir, exist_ok=True)
+  from smat import runs
+
+  runs.prepare_workdir(workdir)  # a file or read-only workdir fails before any work
   p = config.pretrain
   domains = load_domains(config.data.train, config.data_dir or None, seed=config.seed)
   data = ClassificationData(domains, "train", config.data.image_size, p.batch_size, config.seed)

@@ -19,21 +19,70 @@ from smat.models import convert, vit
 _META = "backbone.json"
 
 
-def save(directory: str, params: dict, config: vit.ViTConfig, **provenance) -> None:
-  """Write a backbone directory atomically (to `<dir>.tmp`, then rename)."""
+def is_backbone(directory: str) -> bool:
+  """Whether `directory` holds a backbone this project wrote (its `backbone.json`)."""
+  return os.path.isfile(os.path.join(directory, _META))
+
+
+def check_writable(directory: str, force: bool = False) -> None:
+  """Refuse a destination that is neither absent, empty nor a backbone: a backbone directory is
+  replaced, anything else is the user's and is never removed (unless `force`)."""
+  if os.path.isfile(directory) or (os.path.exists(directory) and not os.path.isdir(directory)):
+    raise SmatError(f"--out {directory}: is a file, not a directory; pick a directory path")
+  if (os.path.isdir(directory) and os.listdir(directory) and not is_backbone(directory)
+      and not force):
+    raise SmatError(f"--out {directory}: a non-empty directory that is not a backbone (no "
+                    f"{_META}); pick a new path, or pass --force to replace it")
+  parent = os.path.dirname(os.path.abspath(directory))
+  if not os.access(parent if os.path.isdir(parent) else "/", os.W_OK):
+    raise SmatError(f"--out {directory}: {parent} is not writable; pick another path")
+
+
+def check_weights(params: dict, where: str) -> None:
+  """Every weight floating-point and finite: a NaN or Inf weight would give NaN features and
+  chance accuracy that read like a result."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    value = np.asarray(leaf)
+    if not convert._floating(value):
+      raise SmatError(f"{where}: weight {name} has dtype {value.dtype}, expected floating point; "
+                      f"the file does not hold trained weights")
+    bad = value.size - int(np.isfinite(value.astype(np.float32)).sum())
+    if bad:
+      raise SmatError(f"{where}: weight {name} has {bad} non-finite value(s) (NaN/Inf) of "
+                      f"{value.size}; the weights are broken, re-export them")
+
+
+def save(directory: str, params: dict, config: vit.ViTConfig, force: bool = False,
+         **provenance) -> None:
+  """Write a backbone directory atomically: beside it (`<dir>.tmp`), then renamed into place.
+  An existing backbone is replaced; any other non-empty directory is refused (`force` replaces
+  it), so nothing the project did not write is deleted."""
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
+  check_writable(directory, force)
+  check_weights(params, directory)
   tmp = directory + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of an interrupted save
   os.makedirs(tmp)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
-  meta = {"config": dataclasses.asdict(config), **provenance}
-  with open(os.path.join(tmp, _META), "w") as f:
-    json.dump(meta, f, indent=2, default=str)
-  shutil.rmtree(directory, ignore_errors=True)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
+    meta = {"config": dataclasses.asdict(config), **provenance}
+    with open(os.path.join(tmp, _META), "w") as f:
+      json.dump(meta, f, indent=2, default=str)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if not os.path.exists(directory):
+    os.replace(tmp, directory)
+    return
+  old = directory + ".old"
+  shutil.rmtree(old, ignore_errors=True)
+  os.replace(directory, old)  # the previous backbone stays whole until the new one is in place
   os.replace(tmp, directory)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def _config_from_json(meta: dict, where: str) -> vit.ViTConfig:
@@ -62,7 +111,9 @@ def load(path: str, fmt: str | None = None, arch: str | None = None,
                       f"{'|'.join(sorted(vit.PRESETS))})")
     overrides.setdefault("layer_norm_eps", convert.DEFAULT_LAYER_NORM_EPS.get(fmt, 1e-6))
     config = _preset(arch, overrides)
-    return convert.import_safetensors(path, fmt, config), config
+    params = convert.import_safetensors(path, fmt, config)
+    check_weights(params, path)
+    return params, config
   meta_path = os.path.join(path, _META)
   if not os.path.isfile(meta_path):
     raise SmatError(f"{path}: not a backbone directory (no {_META}) and not a .safetensors "
@@ -72,8 +123,14 @@ def load(path: str, fmt: str | None = None, arch: str | None = None,
   import orbax.checkpoint as ocp
 
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), vit.param_shapes(config))
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(os.path.abspath(path), "params"), target)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(os.path.join(os.path.abspath(path), "params"), target)
+  except Exception as e:  # orbax/tensorstore raise many types for a truncated or missing file
+    raise SmatError(f"{path}: backbone weights unreadable ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-create it with "
+                    f"`smat import-backbone` or `smat pretrain`") from None
+  check_weights(params, path)
   return params, config
 
 

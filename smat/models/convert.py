@@ -118,7 +118,7 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
   if fmt == "hf":  # ViTForImageClassification and friends prefix the backbone with `vit.`
     tensors = {k.removeprefix("vit."): v for k, v in tensors.items()}
   expected = dict(_flatten(vit.param_shapes(config)))
-  used, missing, misshaped, params = set(), [], [], {}
+  used, missing, misshaped, mistyped, params = set(), [], [], [], {}
   top, block = _top_table(fmt), _block_table(fmt)
   for path, shape_dtype in expected.items():
     if path.startswith("blocks/"):
@@ -131,6 +131,10 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
     used.update(present)
     missing.extend(k for k in keys if k not in tensors and k not in missing)
     if len(present) < len(keys):
+      continue
+    integral = [k for k in keys if not _floating(np.asarray(tensors[k]))]
+    if integral:
+      mistyped.extend(f"{k} {np.asarray(tensors[k]).dtype}" for k in integral)
       continue
     values = [fn(np.asarray(tensors[k], np.float32)) for k in keys]
     want = tuple(shape_dtype.shape[1:]) if path.startswith("blocks/") else tuple(shape_dtype.shape)
@@ -147,6 +151,9 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
     problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
   if misshaped:
     problems.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+  if mistyped:
+    problems.append(f"non-floating keys ({len(mistyped)}), weights must be floating point: "
+                    f"{', '.join(mistyped)}")
   if problems:
     raise WeightsError(
         f"{where} does not fit a {fmt}-layout ViT with width {config.width}, depth "
@@ -156,15 +163,25 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
   return params
 
 
+def _floating(x) -> bool:
+  """Floating point, bfloat16 included (numpy alone does not count it as floating)."""
+  import jax.numpy as jnp
+
+  return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a safetensors file as float32 numpy arrays (bf16/fp16 are upcast)."""
+  """All tensors of a safetensors file as float32 numpy arrays (bf16/fp16 are upcast); integer
+  tensors keep their dtype, so that `convert` refuses them instead of casting them silently."""
   from safetensors import safe_open  # imported here: only weight import needs it
 
   try:
     tensors = {}
     with safe_open(path, framework="flax") as f:
       for key in f.keys():
-        tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        value = f.get_tensor(key)
+        floating = _floating(value)
+        tensors[key] = np.asarray(value, dtype=np.float32) if floating else np.asarray(value)
     return tensors
   except FileNotFoundError:
     raise WeightsError(f"{path}: no such file") from None

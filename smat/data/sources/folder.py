@@ -2,12 +2,19 @@
 
 Every class is a test class (evaluation only). Images are checked when the folder is scanned so
 that a corrupt file is named up front, not in the middle of an evaluation.
+
+What counts as an image is the same here and in `smat embed` (`image_files`): files with an
+image suffix anywhere under the folder (sub-folders included), hidden files and folders (names
+starting with ".", such as macOS `._*` resource forks) skipped. A class folder that is a symbolic
+link to another class folder of the same root is skipped (it would count the same images twice
+as a second class); a link to a folder elsewhere is a class like any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +38,43 @@ class FileReader:
       return to_rgb(image)
 
 
+# What PIL raises for a file it cannot decode; DecompressionBombError (an image of more than
+# 2 × Image.MAX_IMAGE_PIXELS pixels) is none of the others.
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+              Image.DecompressionBombError)
+
+
+def image_files(directory: str | Path) -> list[Path]:
+  """Image files under `directory` (recursively, not following links to sub-folders), sorted;
+  hidden files and folders skipped."""
+  found = []
+  for parent, dirs, files in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found.extend(Path(parent) / f for f in files
+                 if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+  return sorted(p for p in found if p.is_file())
+
+
 def _readable(path: Path) -> bool:
   try:
     with Image.open(path) as image:
       image.load()
     return True
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+  except UNREADABLE:
     return False
+
+
+def _class_dirs(base: Path) -> list[Path]:
+  """Visible sub-folders of `base`, without links to another of them."""
+  dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+  real = {p.resolve() for p in dirs if not p.is_symlink()}
+  kept = []
+  for p in dirs:
+    if p.is_symlink() and p.resolve() in real:
+      logging.warning("folder:%s: %s links to another class folder; skipped", base, p.name)
+      continue
+    kept.append(p)
+  return kept
 
 
 def load(root: str, skip_corrupt: bool = False) -> Domain:
@@ -45,15 +82,14 @@ def load(root: str, skip_corrupt: bool = False) -> Domain:
   base = Path(root)
   if not base.is_dir():
     raise DataError(f"folder:{root}: directory does not exist (expected root/<class>/<images>)")
-  class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+  class_dirs = _class_dirs(base)
   if not class_dirs:
     raise DataError(f"folder:{root}: no class sub-folders (expected root/<class>/<images>)")
   paths: list[str] = []
   classes: list[ImageClass] = []
   skipped: list[str] = []
   for class_dir in class_dirs:
-    files = sorted(p for p in class_dir.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(class_dir)
     good = []
     for path in files:
       if _readable(path):
@@ -61,8 +97,9 @@ def load(root: str, skip_corrupt: bool = False) -> Domain:
       elif skip_corrupt:
         skipped.append(str(path))
       else:
-        raise DataError(f"{path}: unreadable or corrupt image; fix or delete it, or pass "
-                        f"--skip-corrupt to skip such files")
+        raise DataError(f"{path}: unreadable or corrupt image, or one over PIL's "
+                        f"{2 * (Image.MAX_IMAGE_PIXELS or 0)}-pixel limit; fix or delete it, or "
+                        f"pass --skip-corrupt to skip such files")
     if not good:
       raise DataError(f"{class_dir}: class folder has no readable images "
                       f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
