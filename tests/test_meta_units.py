@@ -978,3 +978,16 @@ def test_augmentation_draws_from_the_step_key_and_is_off_by_switch():
   padded = view(episodes_lib.pad(episode, (5, 9, 8)), jax.random.key(0), on)
   np.testing.assert_allclose(np.asarray(padded.support_images)[:6],
                              np.asarray(a.support_images), atol=1e-6)
+
+
+def test_zero_shot_accuracy_is_nan_when_theta_task_overflows():
+  """A θ_task whose features overflow scores NaN (evaluation then errors), never chance."""
+  hp = hyper("smat")
+  params, router_state = smat_trainable()
+  router_params = router.spectral_normalize(params["router"], router_state)
+  episode = make_episode(2)
+  accuracy = cheap_jit(lambda p: tasks.zero_shot_accuracy(p, theta_pre(), router_params, episode,
+                                                          hp, hp.temperature(0))[0])
+  assert np.isfinite(float(accuracy(params)))
+  huge = {**params, "delta": jax.tree.map(lambda d: d * 1e38 + 1e38, params["delta"])}
+  assert np.isnan(float(accuracy(huge)))

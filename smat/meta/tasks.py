@@ -238,12 +238,16 @@ def zero_shot_task(trainable, theta_pre, router_params, episode, hp: Hyper, temp
 
 
 def zero_shot_accuracy(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
-  """(query accuracy, α or None) of ProtoNet on θ_task: the zero-shot meta-test of one task."""
+  """(query accuracy, α or None) of ProtoNet on θ_task: the zero-shot meta-test of one task
+  (NaN when θ_task's logits are not finite, so evaluation reports an error)."""
   theta, alpha = zero_shot_params(trainable, theta_pre, router_params, episode, hp, temp)
   ways = episode.class_mask.shape[-1]
   protos = protonet.prototypes(features(theta, episode.support_images, hp.vit),
                                episode.support_labels, episode.support_mask, ways)
   logits = logits_of(features(theta, episode.query_images, hp.vit), protos, episode.class_mask,
                      hp)
-  return protonet.accuracy(logits, episode.query_labels, episode.query_mask), alpha
+  # NaN, not a chance-level number, when a real query's logit is not finite.
+  finite = jnp.all(jnp.isfinite(logits) | ~episode.query_mask[:, None])
+  accuracy = protonet.accuracy(logits, episode.query_labels, episode.query_mask)
+  return jnp.where(finite, accuracy, jnp.nan), alpha
 
