@@ -12,6 +12,8 @@ so every machine that pins the same N computes the same bits (same ISA and versi
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 ENV = "SMAT_THREADS"
 
@@ -23,8 +25,17 @@ def pin_from_env(environ=os.environ) -> int | None:
     return None
   if not value.isdigit() or int(value) < 1:
     raise ValueError(f"{ENV}={value!r}: expected a positive thread count")
+  if _backend_started() and environ.get("NPROC") != value:
+    warnings.warn(f"{ENV}={value} comes too late: JAX's CPU backend already started with its "
+                  f"own thread count; import smat before running anything in JAX", stacklevel=2)
   environ["NPROC"] = value
   return int(value)
+
+
+def _backend_started() -> bool:
+  """Whether JAX already made its backends (their thread pools are fixed from then on)."""
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  return bool(bridge and bridge.backends_are_initialized())
 
 
 def describe(environ=os.environ) -> dict:

@@ -44,6 +44,17 @@ def test_pin_from_env_sets_nproc_and_rejects_nonsense():
   assert described["smat_threads"] == "2" and described["usable_cores"] >= 1
 
 
+def test_pinning_after_jax_started_warns():
+  script = ("import os, warnings, jax; jax.devices(); os.environ['SMAT_THREADS'] = '2'\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "  warnings.simplefilter('always'); import smat\n"
+            "print([str(w.message) for w in caught])")
+  env = {**{k: v for k, v in os.environ.items() if k != "NPROC"}, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60,
+                       capture_output=True, text=True).stdout
+  assert "comes too late" in out
+
+
 def _probe(path, cores, env):
   """Run the probe limited to `cores` (a set of CPU ids) with `env` added; its saved arrays."""
   env = {**{k: v for k, v in os.environ.items() if k not in ("NPROC", "XLA_FLAGS")}, **env,
