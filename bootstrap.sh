@@ -32,7 +32,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# constraints.txt pins every Python package to the versions the README's figures came from
+# constraints.txt pins every Python package to one working install's exact versions
 # (pyproject.toml keeps the supported ranges); either file changing reinstalls.
 stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
