@@ -4,7 +4,8 @@
 #   bash bootstrap.sh test       install, then the test suite
 #   bash bootstrap.sh install    install only
 # Installs Debian's fonts-noto-core and dataset-fashion-mnist (the offline benchmark's inputs)
-# with apt when run as root or with sudo, a virtual environment in .venv, and smat into it.
+# with apt when run as root or with sudo, a virtual environment in .venv, and smat into it at the
+# exact versions of constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-reproduce}"
@@ -31,12 +32,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+# constraints.txt pins every Python package to one working install's exact versions
+# (pyproject.toml keeps the supported ranges); either file changing reinstalls.
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "installing smat into .venv"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 

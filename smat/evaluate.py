@@ -120,18 +120,46 @@ def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
   return results
 
 
+# Libraries whose version can change a number in a result: the arithmetic (jax, jaxlib, numpy),
+# the training code (flax, optax), the data (grain, TFDS, Pillow and fontTools render glyphs).
+RESULT_LIBRARIES = ("smat", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                    "grain", "tensorflow-datasets", "pillow", "fonttools", "ml_collections")
+
+
 def software_versions() -> dict:
+  """Versions, device and thread settings a result depends on: two results agree to the bit
+  only when all of these do (README, "Two commands")."""
   import importlib.metadata as metadata
   import platform
 
-  names = ("smat", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+  import jax
+  from PIL import features
+
+  from smat import threads
+
   versions = {"python": platform.python_version()}
-  for name in names:
+  for name in RESULT_LIBRARIES:
     try:
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       pass
+  versions["freetype"] = features.version("freetype2")
+  device = jax.devices()[0]
+  versions["device"] = {"platform": device.platform, "kind": device.device_kind,
+                        "count": jax.device_count(), "machine": platform.machine(),
+                        "cpu": _cpu_model()}
+  versions["threads"] = threads.describe()
   return versions
+
+
+def _cpu_model() -> str | None:
+  """The CPU's model name (Linux): its instruction set changes XLA's vector code."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                  None)
+  except OSError:
+    return None
 
 
 def summarize(results: dict, id_domains, ood_domains) -> dict:

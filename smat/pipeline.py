@@ -106,7 +106,7 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
                                               for m, r in reports.items()},
              "id_domains": list(ID_SPECS), "ood_domains": list(OOD_SPECS),
              "episodes": comparison_episodes, "ways": 5, "queries": 15, "seed": config.seed,
-             "table": table}
+             "software": evaluate.software_versions(), "table": table}
   (out / "results.json").write_text(json.dumps(results, indent=1))
   (out / "results.md").write_text(table + "\n")
   summary["results"] = str(out / "results.json")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smat import fewshot, protonet, training
+from smat import evaluate, fewshot, protonet, training
 from smat.data import augment as aug
 from smat.data.episodes import resize
 from smat.data.spec import load_domains
@@ -263,7 +263,8 @@ def finish(config, workdir: str, params, vit_config: vit.ViTConfig, progress: bo
                                    shots=tuple(e.shots), ways=e.ways, queries=e.queries,
                                    episodes=e.episodes, seed=config.seed, progress=progress)
   result = {"report": report, "table": fewshot.report_table(report),
-            "eval_seconds": time.perf_counter() - start}
+            "eval_seconds": time.perf_counter() - start,
+            "software": evaluate.software_versions()}
   with open(os.path.join(workdir, "fewshot.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result

@@ -38,7 +38,11 @@ def test_evaluate_pre_writes_the_schema_and_matches_the_library(glyphs_data_dir,
   assert result["method"] == "pre" and result["adapt"] == "zero-shot"
   assert result["reserved_episodes"] == 5 and result["finetune"] is None
   assert result["id_domains"] == ["glyphs:id"] and result["ood_domains"] == ["glyphs:ood"]
-  assert "jax" in result["software"]
+  software = result["software"]  # everything a result's last bits depend on
+  for name in ("jax", "jaxlib", "numpy", "grain", "tensorflow-datasets", "pillow", "fonttools",
+               "freetype"):
+    assert software[name], name
+  assert software["device"]["kind"] and "usable_cores" in software["threads"]
   for spec in ("glyphs:id", "glyphs:ood"):
     row = result["domains"][spec]
     assert row["episodes"] == 6 and row["ways_mean"] == 3 and row["shots_mean"] == 1

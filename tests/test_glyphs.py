@@ -52,6 +52,10 @@ def test_build_contents_and_metadata(glyphs_data_dir):
   assert len({c["codepoint"] for c in meta["classes"]}) == len(meta["classes"])
   files = {f["file"] for f in meta["fonts"]}
   assert "NotoSansArmenian-Regular.ttf" in files and all(f["version"] for f in meta["fonts"])
+  # What the bytes depend on besides the config: font package, font files, renderer versions.
+  assert meta["font_package"]["name"] == "fonts-noto-core" and meta["font_package"]["version"]
+  assert set(meta["renderer"]) == {"pillow", "fonttools", "numpy", "freetype"}
+  assert all(meta["renderer"].values())
   # Instances of a class differ from each other (fonts × jitter), classes differ from classes.
   first = images[:6].reshape(6, -1).astype(int)
   assert min(np.abs(first[i] - first[j]).sum() for i in range(6) for j in range(i)) > 0

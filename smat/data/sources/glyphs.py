@@ -8,8 +8,10 @@ from installed fonts, so the whole pipeline runs on machines that cannot downloa
 * In-distribution scripts split their letters into train/val/test classes; held-out scripts
   are used only for OOD evaluation.
 
-The build is a pure function of (font files, `GlyphsConfig`): same fonts + seed → byte-identical
-files. The font list with versions is recorded in the metadata so results can be compared.
+The build is a pure function of (font files, `GlyphsConfig`, renderer versions): same fonts +
+seed → byte-identical files, for any worker count (each script is rendered whole by one worker,
+single-threaded, and the results are put back in script order). The font package and file
+versions and the renderer's library versions are recorded in the metadata.
 """
 
 from __future__ import annotations
@@ -254,6 +256,18 @@ def _debian_version(package: str) -> str | None:
   return out.stdout.strip() or None
 
 
+def renderer_versions() -> dict[str, str | None]:
+  """Libraries that draw the glyphs (FreeType rasterises, Pillow transforms and filters, numpy
+  draws the jitter, fontTools reads the cmaps): another version may change the bytes, which
+  `images_sha256` then shows. Recorded, not in the cache key, so an upgrade keeps old builds."""
+  import importlib.metadata as metadata
+
+  from PIL import features
+
+  versions = {name: metadata.version(name) for name in ("pillow", "fonttools", "numpy")}
+  return {**versions, "freetype": features.version("freetype2")}
+
+
 def _build_dir(data_dir: str | os.PathLike, config: GlyphsConfig, fonts) -> Path:
   return Path(data_dir) / "glyphs" / f"s{config.size}-{config.cache_key(fonts)}"
 
@@ -308,6 +322,7 @@ def build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
       "font_dir": font_dir,
       "font_package": {"name": FONT_PACKAGE, "version": _debian_version(FONT_PACKAGE)},
       "fonts": fonts,
+      "renderer": renderer_versions(),
       "id_scripts": [s for s in rendered if s not in ood],
       "ood_scripts": ood,
       "classes": classes,
@@ -403,5 +418,6 @@ def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
       read=GlyphReader(str(build_dir / "images.npy")),
       metadata={"source": "glyphs", "build": build_dir.name, "scripts": sorted(scripts),
                 "fonts": len(meta["fonts"]), "font_package": meta["font_package"],
+                "renderer": meta.get("renderer"),
                 "images_sha256": meta["images_sha256"], "image_size": config["size"]},
   )
