@@ -1,0 +1,26 @@
+"""benchmarks.paired: per-episode differences of two main-job results on the same episodes."""
+
+import numpy as np
+import pytest
+
+from benchmarks import paired
+
+
+def _results(per_episode, seed=0):
+  cell = {"accuracy": float(np.mean(per_episode)), "per_episode": per_episode}
+  return {"episodes": len(per_episode), "ways": 5, "queries": 15, "seed": seed,
+          "methods": {"SMAT": {"glyphs:id": {"5w1s": cell}}}}
+
+
+def test_paired_difference_is_the_mean_and_ci_of_the_episode_differences():
+  old, new = [50.0, 60.0, 70.0, 80.0], [55.0, 60.0, 80.0, 85.0]
+  (mean, ci), = [v for d in paired.differences(_results(old), _results(new))["SMAT"].values()
+                 for v in d.values()]
+  d = np.array([5.0, 0.0, 10.0, 5.0])
+  assert mean == pytest.approx(5.0)
+  assert ci == pytest.approx(1.96 * d.std() / 2.0)
+
+
+def test_results_of_other_episodes_are_refused():
+  with pytest.raises(SystemExit, match="seed"):
+    paired.differences(_results([1.0, 2.0]), _results([1.0, 2.0], seed=1))
