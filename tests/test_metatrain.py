@@ -40,7 +40,8 @@ TOTAL = 100  # 2 epochs
 TAU = 0.5
 QUERIES = 3 * 2  # smoke episodes: 3 ways × 2 queries
 
-# The shared SMAT run. Learning rates are pinned so that edits to configs/smat_glyphs.py do not
+# The shared SMAT run (without augmentation, which tests/test_meta_units.py covers, so that its
+# query loss shows learning over 100 steps). Learning rates are pinned so that edits to configs/smat_glyphs.py do not
 # silently change what the sparsity test measures. L_sparse's gradient per gate scales as
 # 1 / (backbone size): the paper's gate_lr 1e6 is tuned for ViT-S (22M weights); on this 3.3k-weight
 # backbone it throws every gate to its clamp in one update, so the run uses 1e3.
@@ -51,7 +52,7 @@ SHARED = (
     "--config.optim.cosine_epochs=4", "--config.optim.first_epoch_lr=-1",
     f"--config.experts.target_sparsity={TAU}", "--config.optim.gate_lr=1e3",
     "--config.optim.lambda_lr=0.5", "--config.optim.delta_lr=0.01",
-    "--config.router.temperature_decay_tasks=90.0",
+    "--config.router.temperature_decay_tasks=90.0", "--config.augment.enabled=False",
 )
 
 
@@ -262,7 +263,15 @@ def _assert_first_epoch_matches_one_device(shared, run_dir) -> None:
   # Reductions over the task axis run in another order; observed differences are ≤ 6e-6. A
   # sharding bug (devices on different tasks, unsynchronised gradients) moves δ by O(0.1).
   assert max(np.abs(d).max() for d in jax.tree.leaves(one.state.params["delta"])) > 0.1
-  chex.assert_trees_all_close(other.state.params, one.state.params, atol=2e-4, rtol=0)
+  dense = lambda params: {k: v for k, v in params.items() if k != "gates"}
+  chex.assert_trees_all_close(dense(other.state.params), dense(one.state.params), atol=2e-4,
+                              rtol=0)
+  # Gate logits move by lr 1e3 × their gradient, and a gate on the edge of z's clip (where its
+  # gradient switches on) can take or skip a step on a last-bit difference: observed, one of
+  # 1024 logits of a leaf off by 2.4e-3. A sharding bug moves most gates by O(1).
+  gaps = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
+      jax.tree.leaves(other.state.params["gates"]), jax.tree.leaves(one.state.params["gates"]))])
+  assert gaps.max() < 0.05 and np.mean(gaps > 2e-4) < 0.005, (gaps.max(), np.mean(gaps > 2e-4))
   chex.assert_trees_all_close(other.state.router_state, one.state.router_state, atol=2e-4,
                               rtol=0)
   rows = _train_rows(run_dir)
@@ -457,9 +466,10 @@ def test_sparsity_settles_at_target_and_loss_falls(shared):
   np.testing.assert_allclose(np.asarray(deployed), sparsity[-1], atol=1e-6)
   lam = np.array([r["lam"] for r in rows])
   assert lam.min() >= 0 and lam.max() > 0.1  # λ ≥ 0 after its projection, and it did act
-  loss = np.array([r["loss"] for r in rows])
+  # The task's query CE falls (the total loss holds L_lagr, which is negative while λ grows).
+  loss = np.array([r["query_ce"] for r in rows])
   quarter = len(loss) // 4
-  assert loss[-quarter:].mean() < loss[:quarter].mean()  # observed 0.913 vs 0.986
+  assert loss[-quarter:].mean() < loss[:quarter].mean()
 
 
 def test_compiles_once_per_bucket_not_per_episode(shared, base):
