@@ -19,3 +19,23 @@ def glyphs_data_dir(tmp_path_factory):
   config = glyphs.GlyphsConfig(**SMALL_GLYPHS)
   build_dir = glyphs.build(data_dir, config, workers=1, progress=False)
   return data_dir, build_dir, config
+
+
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for the requesting module only: identical steps compile once
+  (`pytestmark = pytest.mark.usefixtures("module_compilation_cache")`)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()

@@ -43,22 +43,7 @@ def assert_one_line_error(code, err, *words):
     assert word in last, (word, err)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module only: identical steps compile once."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
-  saved = {name: getattr(jax.config, name) for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")
