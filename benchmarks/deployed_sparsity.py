@@ -26,15 +26,12 @@ def describe(workdir: str) -> dict:
   the per-expert sparsity figures."""
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  with open(os.path.join(workdir, "validation.json")) as f:
-    history = {h["step"]: h for h in json.load(f)}
   out = {"workdir": workdir, "tau": config["experts"]["target_sparsity"],
          "gate_noise": config["experts"]["gate_noise"]}
   for which in ("checkpoints", "best"):
-    run = metatrain.load_run(workdir, which)
-    step = run.tasks_seen // config["data"]["meta_batch_size"]
-    out[which] = {"step": step, "val_accuracy": history.get(step, {}).get("accuracy"),
-                  **run.sparsity()}
+    described = metatrain.describe_checkpoint(workdir, metatrain.load_run(workdir, which), which)
+    out[which] = {"step": described["step"], "val_accuracy": described["val_accuracy"],
+                  **described["sparsity"]}
   return out
 
 

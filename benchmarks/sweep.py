@@ -7,7 +7,8 @@ trade-off (the paper's ID-vs-OOD figure).
 Each point is `smat meta-train` with experts.target_sparsity = τ and experts.num_experts = M
 (every other field from the config), then `evaluate_domains` zero-shot on the ID and OOD specs
 on the same episodes for every point. Finished runs and points are reused, so an interrupted
-sweep resumes. Sparsity columns are those of the evaluated (`best/`) checkpoint: `deployed` of its
+sweep resumes. `--checkpoint` picks the evaluated checkpoint (`best/` by default, or the final
+one); the step and sparsity columns are those of the evaluated checkpoint: `deployed` of its
 deterministic meta-test masks (what τ constrains), `sampled` of one draw of its training gates.
 Writes OUT.json, OUT.md (command, machine, date, wall time in the header) and
 OUT.png.
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
   parser.add_argument("--points", default=None, metavar="TAU:M,...",
                       help="an explicit list of points instead of the --taus × --experts grid")
   add_evaluation_args(parser)
+  parser.add_argument("--checkpoint", choices=("best", "checkpoints"), default="best",
+                      help="the checkpoint every point evaluates: `best` (selected by validation, "
+                      "what meta-test uses) or `checkpoints` (the final one)")
   parser.add_argument("--workdir", default="runs/sweep")
   parser.add_argument("--out", required=True)
   parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every run")
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     summary = train_point(args.config, overrides, workdir, tau, experts)
     train_s = time.time() - t0
-    run = metatrain.load_run(workdir)
+    run = metatrain.load_run(workdir, args.checkpoint)
+    evaluated = metatrain.describe_checkpoint(workdir, run, args.checkpoint)
     results = evaluate.evaluate_domains(run, groups, sampler, tables.run_image_size(workdir),
                                         args.episodes, args.seed)
     mean = lambda specs, key: float(np.mean([results[s][key] for s in specs]))
@@ -104,6 +109,7 @@ def main(argv=None) -> int:
                    "deployed_sparsity": _mean(sparsity.get("deployed")),
                    "sampled_sparsity": _mean(sparsity.get("sampled")),
                    "sparsity_per_expert": sparsity, "final_step": last_logged(workdir),
+                   "evaluated_step": evaluated["step"],
                    "best_val": (summary.get("best") or {}).get("val_accuracy"),
                    "train_seconds": train_s})
     print(f"τ={tau:g} M={experts}: ID {points[-1]['id']:.2f}  OOD {points[-1]['ood']:.2f}",
@@ -140,11 +146,12 @@ def _write(args, argv, points: list, seconds: float) -> None:
                "software": evaluate.software_versions()}, f, indent=1)
   lines = [report.provenance("sweep", argv, f"wall time {seconds / 60:.1f} min; zero-shot "
                             f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
-                            "domain"), "",
-           "| τ | M | deployed sparsity | sampled sparsity | ID avg | OOD avg | best val |",
-           "|---|---|---|---|---|---|---|"]
+                            f"domain; evaluated checkpoint: {args.checkpoint}/"), "",
+           "| τ | M | evaluated step | deployed sparsity | sampled sparsity | ID avg | OOD avg | "
+           "best val |", "|---|---|---|---|---|---|---|---|"]
   for p in sorted(points, key=lambda p: (p["experts"], p["tau"])):
-    lines.append(f"| {p['tau']:g} | {p['experts']} | {_cell(p.get('deployed_sparsity'))} | "
+    lines.append(f"| {p['tau']:g} | {p['experts']} | {p.get('evaluated_step', '—')} | "
+                 f"{_cell(p.get('deployed_sparsity'))} | "
                  f"{_cell(p.get('sampled_sparsity'))} | "
                  f"{p['id']:.2f} ± {p['id_ci']:.2f} | {p['ood']:.2f} ± {p['ood_ci']:.2f} | "
                  f"{p['best_val'] if p['best_val'] is None else round(p['best_val'], 2)} |")

@@ -310,6 +310,17 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None,
     return _train_and_evaluate(config, workdir, stop_after, progress)
 
 
+def describe_checkpoint(workdir: str, run: Run, which: str = "best") -> dict:
+  """Which model a figure describes: its step, epoch, validation accuracy and per-expert
+  sparsity (`Run.sparsity`), read from the run's config and validation history."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  step = run.tasks_seen // config["data"]["meta_batch_size"]
+  entry = {h["step"]: h for h in _read_history(workdir, step)}.get(step, {})
+  return {"checkpoint": which, "step": step, "epoch": entry.get("epoch"),
+          "val_accuracy": entry.get("accuracy"), "sparsity": run.sparsity()}
+
+
 def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: bool) -> dict:
   from tqdm.auto import tqdm
 

@@ -29,6 +29,21 @@ ID_SPECS, OOD_SPECS = ("glyphs:id",), ("glyphs:ood", "fashion_mnist")
 META_CONFIGS = {"pmf": "configs/pmf_glyphs.py", "smat": "configs/smat_glyphs.py"}
 
 
+def evaluated_models_note(evaluated: dict, tau: float) -> str:
+  """One line per meta-trained column: the checkpoint it evaluates (step, epoch, validation
+  accuracy) and, for SMAT, the deployed sparsity of each expert beside τ."""
+  lines = []
+  for name, d in evaluated.items():
+    epochs = f"{d['epoch']} epoch" + ("" if d["epoch"] == 1 else "s")
+    line = (f"{name}: `best/` checkpoint, step {d['step']} (after {epochs}), validation "
+            f"{d['val_accuracy']:.2f}")
+    if d["sparsity"]:
+      deployed = " / ".join(f"{x:.3f}" for x in d["sparsity"]["deployed"])
+      line += f", deployed sparsity per expert {deployed} (τ = {tau:g})"
+    lines.append(line + ".")
+  return "  \n".join(lines)
+
+
 def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
               config_path: str = "configs/glyphs_small.py",
               pretrain_config_path: str = "configs/pretrain_glyphs.py",
@@ -101,8 +116,11 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
         model, groups, config.data.image_size, shots=(1, 5), episodes=comparison_episodes,
         seed=config.seed, resize_ratio=config.data.get("test_resize_ratio"))
     print(f"  {name}: {time.perf_counter() - start:.0f} s")
-  table = evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS)
-  results = {"methods": reports, "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS)
+  evaluated = {name.upper(): metatrain.describe_checkpoint(str(out / name), run)
+               for name, run in runs.items()}
+  table = (evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS) + "\n\n"
+           + evaluated_models_note(evaluated, runs["smat"].hp.target_sparsity))
+  results = {"evaluated": evaluated, "methods": reports, "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS)
                                               for m, r in reports.items()},
              "id_domains": list(ID_SPECS), "ood_domains": list(OOD_SPECS),
              "episodes": comparison_episodes, "ways": 5, "queries": 15, "seed": config.seed,

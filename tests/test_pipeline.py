@@ -45,6 +45,13 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
   pre_id = results["methods"]["Pre"]["glyphs:id"]["5w5s"]["accuracy"]
   assert results["averages"]["Pre"]["id"]["5w5s"] == pre_id
   assert "| **OOD average** | 5w1s |" in results["table"]
+  for name, method in (("PMF", "pmf"), ("SMAT", "smat")):  # the table names what it evaluates
+    evaluated, best = results["evaluated"][name], summary["meta_train"][method]["best"]
+    assert evaluated["step"] == best["step"]
+    assert evaluated["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert f"{name}: `best/` checkpoint, step {best['step']} " in results["table"]
+  assert results["evaluated"]["PMF"]["sparsity"] is None
+  assert len(results["evaluated"]["SMAT"]["sparsity"]["deployed"]) == 2
   figures = tmp_path / "run" / "figures"
   assert {"mask_density.png", "mask_density_expected.png", "expert_choice.png"} <= {
       p.name for p in figures.glob("*.png")}
