@@ -3,6 +3,7 @@ either uses or refuses, `--version`, a `--help` that imports no JAX, and the whe
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -187,7 +188,12 @@ def test_choices_spelt_out_in_the_cli_match_the_library():
 
 
 def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp_path):
-  build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT),
+  # Built from a copy: setuptools builds in the source tree, and a stale build/ there would
+  # leak removed files into the wheel (and runs/ may hold gigabytes).
+  source = tmp_path / "src"
+  shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
+  build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(source),
                           "-w", str(tmp_path / "dist")], capture_output=True, text=True,
                          timeout=300)
   assert build.returncode == 0, build.stderr[-2000:]
