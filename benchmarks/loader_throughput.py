@@ -1,6 +1,6 @@
 """Episode loader throughput (host side: sample, read, resize, pad, stack meta-batches).
 
-  python -m benchmarks.loader_throughput --config configs/glyphs_small.py --out loader.json
+  python -m benchmarks.loader_throughput --config glyphs_small --out loader.json
 
 Prints a markdown table and writes JSON: episodes/s per thread count, episode statistics.
 """
@@ -18,7 +18,7 @@ from smat.data import loader
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/glyphs_small.py")
+  parser.add_argument("--config", default="glyphs_small")
   parser.add_argument("--split", default="train")
   parser.add_argument("--batches", type=int, default=50)
   parser.add_argument("--threads", default="1,2,4")

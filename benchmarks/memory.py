@@ -2,7 +2,7 @@
 what a ViT-S/16 or ViT-B/16 run needs, in float32 or bfloat16, with the meta-batch at once or in
 fewer tasks at a time in sequential chunks (`train.tasks_at_once`), with or without remat.
 
-  python -m benchmarks.memory --config configs/smat_vits16_md.py --out F     # any machine
+  python -m benchmarks.memory --config smat_vits16_md --out F     # any machine
 
 Each point is `benchmarks.throughput.compile_only`: the state is built from shapes (no M × |θ|
 values), so a CPU with little memory compiles configurations it could not hold. Episode shapes are

@@ -2,8 +2,8 @@
 size and backbone size, each varied alone from the config's values, next to a plain backbone
 forward+backward on the same images.
 
-  python -m benchmarks.scaling --config configs/smat_glyphs.py --out F          # 2 CPU cores
-  python -m benchmarks.scaling --config configs/smat_vits16_md.py --archs vit_s16,vit_b16 \\
+  python -m benchmarks.scaling --config smat_glyphs --out F          # 2 CPU cores
+  python -m benchmarks.scaling --config smat_vits16_md --archs vit_s16,vit_b16 \\
       --image-sizes 128,224 --ways 5,10,20,50 --config.backbone.dtype=bfloat16 --out F   # GPU
 
 Every point is `benchmarks.throughput.measure` on synthetic episodes (fixed-sampler shapes:

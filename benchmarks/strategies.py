@@ -52,7 +52,7 @@ def search_rates(config, pmf_workdir: str, tau: float, search: evolution.SearchC
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/smat_glyphs.py")
+  parser.add_argument("--config", default="smat_glyphs")
   parser.add_argument("--taus", default="0.9,0.95")
   parser.add_argument("--strategies", default=",".join(LABELS))
   parser.add_argument("--pmf", default="runs/bench/pmf",

@@ -1,7 +1,7 @@
 """Sparsity sweep: meta-train SMAT for each (τ, M), evaluate zero-shot ID and OOD, plot the
 trade-off (the paper's ID-vs-OOD figure).
 
-  python -m benchmarks.sweep --config configs/smat_glyphs.py --taus 0,0.5,0.8,0.9,0.95,0.99 \
+  python -m benchmarks.sweep --config smat_glyphs --taus 0,0.5,0.8,0.9,0.95,0.99 \
       --experts 4,8,16 --workdir runs/sweep --out benchmarks/results/sweep_glyphs
 
 Each point is `smat meta-train` with experts.target_sparsity = τ and experts.num_experts = M
@@ -63,7 +63,7 @@ def evaluation_setup(args):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/smat_glyphs.py")
+  parser.add_argument("--config", default="smat_glyphs")
   parser.add_argument("--taus", default="0,0.5,0.8,0.9,0.95,0.99")
   parser.add_argument("--experts", default="4,8,16")
   parser.add_argument("--points", default=None, metavar="TAU:M,...",

@@ -1,10 +1,10 @@
 """Meta-training throughput: tasks/s, FLOPs per task and achieved FLOP/s of one method's step,
 against a plain backbone forward+backward on the identical images.
 
-  python -m benchmarks.throughput --config configs/smat_glyphs.py --out F.json        # 2 CPU cores
-  python -m benchmarks.throughput --config configs/smat_vits16_md.py --random-backbone vit_s16 \
+  python -m benchmarks.throughput --config smat_glyphs --out F.json        # 2 CPU cores
+  python -m benchmarks.throughput --config smat_vits16_md --random-backbone vit_s16 \
       --ways 10 --support 20 --query 100 --config.backbone.dtype=bfloat16 --out F.json   # GPU
-  python -m benchmarks.throughput --config configs/smat_glyphs.py --compile-episodes 200 \
+  python -m benchmarks.throughput --config smat_glyphs --compile-episodes 200 \
       --config.data.sampler=md --config.data.max_ways=20 --config.data.max_support=100 --out F.json
 
 Episodes are synthetic (random pixels, balanced labels) with the config's fixed-sampler shape

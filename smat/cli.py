@@ -21,7 +21,11 @@
   smat embed --backbone B --images DIR --out F.npz
                                        backbone features of an image folder
 
-Configs: --config configs/<name>.py[:smoke] plus any number of --config.FIELD=VALUE overrides.
+Configs: --config NAME[:VARIANT] names a packaged config (glyphs_small, pretrain_glyphs,
+      smat_glyphs, pmf_glyphs, softmerge_glyphs, smat_vits16_md, ...; e.g. smat_glyphs:smoke)
+      or FILE.py[:VARIANT] any config file. reproduce, pretrain and meta-train take any number
+      of --config.FIELD=VALUE (or --config.FIELD VALUE) overrides; other commands refuse them.
+      Relative paths in configs (backbone.path, data_dir) are from the current directory.
 BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safetensors file
       with --format timm|hf --arch vit_s16|vit_b16.
 
@@ -36,11 +40,15 @@ import errno
 import json
 import sys
 
+from smat import __version__
 from smat.errors import SmatError
 
 # `smat.finetune.ADAPTERS` and zero-shot (spelt out: building the parser must not import jax).
 ADAPT_MODES = ("zero-shot", "full", "lora", "sparse", "random", "map", "influence", "selfpruner",
                "circuit")
+# `smat.models.convert.FORMATS` and `sorted(smat.models.vit.PRESETS)`, spelt out likewise.
+FORMATS = ("timm", "hf")
+ARCHS = ("vit_b16", "vit_mini_p4", "vit_s16", "vit_tiny_p4")
 
 
 def _distributed_arg(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +165,8 @@ def _cmd_show(args) -> None:
 def _cmd_reproduce(args) -> None:
   from smat import pipeline
 
-  pipeline.reproduce(args.workdir, args.data_dir, config_path=args.config)
+  pipeline.reproduce(args.workdir, args.data_dir, config_path=args.config,
+                     overrides=args.overrides)
 
 
 def _cmd_pretrain(args) -> None:
@@ -324,12 +333,10 @@ def _cmd_embed(args) -> None:
 
 
 def _backbone_args(parser: argparse.ArgumentParser, required: bool) -> None:
-  from smat.models import convert, vit
-
-  parser.add_argument("--format", choices=convert.FORMATS, required=required,
+  parser.add_argument("--format", choices=FORMATS, required=required,
                       help="weight layout of a .safetensors file: timm "
                            "(vit_small_patch16_224.dino) or hf (facebook/dino-vits16)")
-  parser.add_argument("--arch", choices=sorted(vit.PRESETS), required=required,
+  parser.add_argument("--arch", choices=ARCHS, required=required,
                       help="architecture of a .safetensors file")
 
 
@@ -339,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Sparse MetA-Tuning (SMAT): meta-learned sparse interpolated experts over a "
                   "frozen pre-trained ViT for few-shot classification.",
       epilog=__doc__.split("\n", 2)[2])
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   reproduce = commands.add_parser(
@@ -347,9 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "PMF and SMAT zero-shot in and out of distribution, draw SMAT's masks and "
                        "expert choice")
   reproduce.add_argument("--workdir", default="runs/demo", help="outputs (default: runs/demo)")
-  reproduce.add_argument("--config", default="configs/glyphs_small.py", help="experiment config")
+  reproduce.add_argument("--config", default="glyphs_small",
+                         help="episode-stream config (default: glyphs_small); --config.FIELD="
+                              "VALUE overrides go to every stage config that has the field")
   _data_dir_arg(reproduce)
-  reproduce.set_defaults(run=_cmd_reproduce)
+  reproduce.set_defaults(run=_cmd_reproduce, takes_overrides=True)
 
   data = commands.add_parser("data", help="prepare, describe and look at data")
   data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -392,12 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "<workdir>/checkpoints, export <workdir>/backbone and report zero-shot "
                   "ProtoNet accuracy (<workdir>/fewshot.json). Add --config.FIELD=VALUE to "
                   "override config fields.")
-  pretrain.add_argument("--config", default="configs/pretrain_glyphs.py",
-                        help="config file[:variant] (default: configs/pretrain_glyphs.py)")
+  pretrain.add_argument("--config", default="pretrain_glyphs",
+                        help="packaged config name or file, [:variant] (default: "
+                             "pretrain_glyphs)")
   pretrain.add_argument("--workdir", required=True,
                         help="checkpoints, logs and the exported backbone go here")
   _distributed_arg(pretrain)
-  pretrain.set_defaults(run=_cmd_pretrain)
+  pretrain.set_defaults(run=_cmd_pretrain, takes_overrides=True)
 
   meta = commands.add_parser(
       "meta-train", help="meta-train SMAT, SoftMerge or PMF on top of a frozen backbone θ_pre",
@@ -409,12 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "<workdir>/tensorboard. Add --config.FIELD=VALUE to override config fields; "
                   "--config.experts.masks=random|map|influence|selfpruner|circuit replaces "
                   "SMAT's learned gates by a hand-designed mask strategy at the same τ.")
-  meta.add_argument("--config", default="configs/smat_glyphs.py",
-                    help="config file[:variant] (default: configs/smat_glyphs.py; variants "
-                         "smoke, fullnoise)")
+  meta.add_argument("--config", default="smat_glyphs",
+                    help="packaged config name or file, [:variant] (default: smat_glyphs; "
+                         "variants smoke, fullnoise)")
   meta.add_argument("--workdir", required=True, help="checkpoints and logs go here")
   _distributed_arg(meta)
-  meta.set_defaults(run=_cmd_meta_train)
+  meta.set_defaults(run=_cmd_meta_train, takes_overrides=True)
 
   ev = commands.add_parser(
       "evaluate", help="few-shot accuracy of a meta-trained run (or θ_pre) on test classes",
@@ -517,15 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   program = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
-  overrides = [a for a in argv if a.startswith("--config.")]
-  spaced = [a for a in overrides if "=" not in a]
-  if spaced:  # before argparse, which would report the value as an unrecognised argument
-    print(f"error: {spaced[0]}: expected --config.FIELD=VALUE (with '=', no space)",
-          file=sys.stderr)
-    return 2
-  args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
-  args.overrides = overrides
   try:
+    rest, overrides = split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    check_overrides_taken(args)
     args.run(args)
   except SmatError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -538,6 +545,36 @@ def main(argv: list[str] | None = None) -> int:
           f"command again (runs resume from their last checkpoint)", file=sys.stderr)
     return _failed_write(program)
   return 0
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(other arguments, overrides as '--config.FIELD=VALUE'), taken out before argparse, which
+  knows no field names. As in ml_collections' config_flags, `--config.FIELD=VALUE` and
+  `--config.FIELD VALUE` are the same override."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith("--config."):
+      rest.append(arg)
+    elif "=" in arg:
+      overrides.append(arg)
+    elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+      overrides.append(f"{arg}={argv[i + 1]}")
+      i += 1
+    else:
+      raise SmatError(f"{arg}: no value; give --config.FIELD=VALUE or --config.FIELD VALUE")
+    i += 1
+  return rest, overrides
+
+
+def check_overrides_taken(args) -> None:
+  """An override given to a command that runs no config would silently do nothing."""
+  if args.overrides and not getattr(args, "takes_overrides", False):
+    command = " ".join(c for c in (args.command, getattr(args, "data_command", None)) if c)
+    raise SmatError(f"{args.overrides[0]}: `smat {command}` runs no config and takes no "
+                    f"--config.FIELD overrides (reproduce, pretrain and meta-train do); drop it "
+                    f"or use the command's own flags (smat {command} --help)")
 
 
 def _failed_write(program: bool) -> int:

@@ -1,12 +1,18 @@
-"""Python config files (`configs/<name>.py[:arg]`) with `--config.FIELD=VALUE` overrides.
+"""Python config files (`<name>[.py][:arg]` or a path) with `--config.FIELD=VALUE` overrides.
 
 A config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`; `arg` selects
 a variant such as `smoke`. The returned dict is locked, so a misspelt override is an error.
+
+A config is named bare (`smat_glyphs`, `smat_glyphs.py`) for one packaged in `smat/configs/`,
+found from any directory and in an installed wheel, or by a path to any file (an existing file
+wins over a packaged name). Relative paths inside a config (`backbone.path`, `data_dir`) are
+relative to the current directory, like `--workdir`.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,14 +23,10 @@ from smat.errors import SmatError
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`spec` = 'path/to/file.py' or 'path/to/file.py:arg'; overrides = ['a.b=1', ...]."""
+  """`spec` = 'name', 'name.py' or 'path/to/file.py', each with an optional ':arg';
+  overrides = ['a.b=1', ...]."""
   path, _, arg = spec.partition(":")
-  file = Path(path)
-  if not file.is_file():
-    raise SmatError(f"config {path}: file not found (configs live in configs/<name>.py)")
-  if file.suffix != ".py":
-    raise SmatError(f"config {path}: not a Python config file (configs live in "
-                    f"configs/<name>.py)")
+  file = resolve(path)
   module_spec = importlib.util.spec_from_file_location(f"smat_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   try:
@@ -46,6 +48,29 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   for override in overrides:
     apply_override(config, override, path)
   return config
+
+
+def packaged_names() -> list[str]:
+  """Names of the configs shipped in `smat/configs/` (what a bare `--config NAME` finds)."""
+  folder = importlib.resources.files("smat.configs")
+  return sorted(f.name.removesuffix(".py") for f in folder.iterdir()
+                if f.name.endswith(".py") and not f.name.startswith("_"))
+
+
+def resolve(path: str) -> Path:
+  """The config file `path` names: an existing file as given, else a bare name of a packaged
+  config (`smat_glyphs` or `smat_glyphs.py`), so the shipped configs work from any directory."""
+  file = Path(path)
+  if file.is_file():
+    if file.suffix != ".py":
+      raise SmatError(f"config {path}: not a Python config file; give a .py file or a packaged "
+                      f"config name ({', '.join(packaged_names())})")
+    return file
+  name = path.removesuffix(".py")
+  if name and "/" not in path and "\\" not in path and name in packaged_names():
+    return Path(str(importlib.resources.files("smat.configs") / f"{name}.py"))
+  raise SmatError(f"config {path}: file not found and not a packaged config; give a file or one "
+                  f"of {', '.join(packaged_names())}")
 
 
 def _add_missing(config: ml_collections.ConfigDict) -> None:
@@ -107,6 +132,21 @@ def _parse(text: str, current):
   if isinstance(current, tuple) and isinstance(value, list):
     value = tuple(value)
   return value
+
+
+def override_key(override: str) -> str:
+  """'a.b' of '--config.a.b=value'."""
+  return override.removeprefix("--config.").removeprefix("config.").partition("=")[0]
+
+
+def has_field(config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether the dotted field `key` ('a.b') exists in `config`."""
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str, where: str = "config") -> None:

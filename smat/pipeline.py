@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from smat import config as config_lib
@@ -23,10 +24,16 @@ from smat.data.samplers import FixedSampler
 from smat.data.show import episode_grid
 from smat.data.sources import glyphs
 from smat.data.spec import default_data_dir, load_domain
+from smat.errors import SmatError
 
 EVAL_SPECS = ("glyphs:id", "glyphs:ood", "fashion_mnist")
 ID_SPECS, OOD_SPECS = ("glyphs:id",), ("glyphs:ood", "fashion_mnist")
-META_CONFIGS = {"pmf": "configs/pmf_glyphs.py", "smat": "configs/smat_glyphs.py"}
+META_CONFIGS = {"pmf": "pmf_glyphs", "smat": "smat_glyphs"}
+DEFAULT_WORKDIR = "runs/demo"  # the glyph configs' backbone.path is its pretrain/backbone
+# Fields the job sets itself (overriding them would split the stages' inputs), and what to use.
+JOB_FIELDS = {"data_dir": "--data-dir",
+              "backbone.path": "--workdir (the backbone is <workdir>/pretrain/backbone)",
+              "eval.domains": f"nothing: the job compares on {', '.join(EVAL_SPECS)}"}
 
 
 def evaluated_models_note(evaluated: dict, tau: float) -> str:
@@ -44,16 +51,46 @@ def evaluated_models_note(evaluated: dict, tau: float) -> str:
   return "  \n".join(lines)
 
 
-def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
-              config_path: str = "configs/glyphs_small.py",
-              pretrain_config_path: str = "configs/pretrain_glyphs.py",
-              meta_variant: str = "", comparison_episodes: int = 200) -> dict:
-  """Runs every stage into `workdir`; `meta_variant` (e.g. "smoke") shrinks meta-training."""
-  config = config_lib.load(config_path)
+def stage_configs(paths: dict[str, str], overrides: Sequence[str] = ()) -> dict:
+  """Each stage's config (`paths`: stage → config spec) with the user's overrides: an override
+  goes to every stage whose config has its field; one that no stage has, or that the job sets
+  itself, is an error before any stage runs."""
+  loaded = {stage: config_lib.load(path) for stage, path in paths.items()}
+  mine = {stage: [] for stage in paths}
+  for override in overrides:
+    key = config_lib.override_key(override)
+    if key in JOB_FIELDS:
+      raise SmatError(f"--config.{key}: `smat reproduce` sets this field itself; use "
+                      f"{JOB_FIELDS[key]}")
+    stages = [stage for stage, c in loaded.items() if config_lib.has_field(c, key)]
+    if not stages:
+      raise SmatError(f"--config.{key}: no config of `smat reproduce` has this field "
+                      f"({', '.join(paths.values())}); check its spelling")
+    for stage in stages:
+      mine[stage].append(override)
+  return {stage: config_lib.load(path, mine[stage]) for stage, path in paths.items()}
+
+
+def reproduce(workdir: str = DEFAULT_WORKDIR, data_dir: str | None = None,
+              config_path: str = "glyphs_small",
+              pretrain_config_path: str = "pretrain_glyphs",
+              meta_variant: str = "", comparison_episodes: int = 200,
+              overrides: Sequence[str] = ()) -> dict:
+  """Runs every stage into `workdir`; `meta_variant` (e.g. "smoke") shrinks meta-training;
+  `overrides` (--config.FIELD=VALUE) go to every stage config that has the field."""
+  meta_paths = {m: f"{p}:{meta_variant}" if meta_variant else p for m, p in META_CONFIGS.items()}
+  configs = stage_configs({"episodes": config_path, "pretrain": pretrain_config_path,
+                           **meta_paths}, overrides)
+  config = configs["episodes"]
   data_dir = data_dir or config.data_dir or default_data_dir()
-  with config.unlocked():
-    config.data_dir = data_dir
   out = Path(workdir)
+  backbone = out / "pretrain" / "backbone"
+  own = {"episodes": [f"data_dir={data_dir}"],
+         "pretrain": [f"data_dir={data_dir}", f"eval.domains={','.join(EVAL_SPECS)}"],
+         **{m: [f"data_dir={data_dir}", f"backbone.path={backbone}"] for m in META_CONFIGS}}
+  for stage, fields in own.items():
+    for field in fields:
+      config_lib.apply_override(configs[stage], field)
   out.mkdir(parents=True, exist_ok=True)
 
   print(f"[1/7] offline benchmark in {data_dir}")
@@ -86,22 +123,17 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
         f"{config.data.loader_threads} threads")
 
   print("[4/7] pre-training the backbone θ_pre (resumes from its checkpoints)")
-  pretrain_config = config_lib.load(pretrain_config_path, [
-      f"data_dir={data_dir}", f"eval.domains={','.join(EVAL_SPECS)}"])
   start = time.perf_counter()
-  result = pretrain.pretrain(pretrain_config, str(out / "pretrain"))
-  summary["pretrain"] = {"backbone": str(out / "pretrain" / "backbone"),
+  result = pretrain.pretrain(configs["pretrain"], str(out / "pretrain"))
+  summary["pretrain"] = {"backbone": str(backbone),
                          "seconds": time.perf_counter() - start, "fewshot": result["report"]}
   print(result["table"])
-  backbone = out / "pretrain" / "backbone"
 
   print("[5/7] meta-training PMF and SMAT on θ_pre (resumes from their checkpoints)")
   runs, summary["meta_train"] = {}, {}
-  for method, path in META_CONFIGS.items():
-    meta_config = config_lib.load(f"{path}:{meta_variant}" if meta_variant else path, [
-        f"data_dir={data_dir}", f"backbone.path={backbone}"])
+  for method in META_CONFIGS:
     start = time.perf_counter()
-    trained = metatrain.train_and_evaluate(meta_config, str(out / method))
+    trained = metatrain.train_and_evaluate(configs[method], str(out / method))
     summary["meta_train"][method] = {**trained, "seconds": time.perf_counter() - start}
     runs[method] = metatrain.load_run(str(out / method))
 
@@ -120,8 +152,8 @@ def reproduce(workdir: str = "runs/demo", data_dir: str | None = None,
                for name, run in runs.items()}
   table = (evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS) + "\n\n"
            + evaluated_models_note(evaluated, runs["smat"].hp.target_sparsity))
-  results = {"evaluated": evaluated, "methods": reports, "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS)
-                                              for m, r in reports.items()},
+  results = {"evaluated": evaluated, "methods": reports,
+             "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS) for m, r in reports.items()},
              "id_domains": list(ID_SPECS), "ood_domains": list(OOD_SPECS),
              "episodes": comparison_episodes, "ways": 5, "queries": 15, "seed": config.seed,
              "software": evaluate.software_versions(), "table": table}

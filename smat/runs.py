@@ -56,7 +56,8 @@ def _get(config, dotted: str):
 
 
 def check_config(config) -> None:
-  """Method, mask strategy and every count of a meta-training config, before any work."""
+  """Method, mask strategy, every count and the backbone of a meta-training config, before any
+  work."""
   from smat.meta import tasks
 
   if config.method not in tasks.METHODS:
@@ -71,6 +72,9 @@ def check_config(config) -> None:
     raise SmatError(f"config field train.episodes_per_epoch={config.train.episodes_per_epoch} is "
                     f"less than one meta-batch (data.meta_batch_size="
                     f"{config.data.meta_batch_size}); raise it")
+  from smat.models import checkpoint
+
+  checkpoint.check_backbone_path(config.backbone.path)  # before the workdir is made
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -41,7 +41,7 @@ def main() -> int:
   try:
     overrides = [f"--config.data_dir={data_dir}", f"--config.backbone.path={scratch / 'backbone'}",
                  "--config.data.image_size=16"]
-    config = config_lib.load("configs/pmf_glyphs.py:smoke", overrides)
+    config = config_lib.load("pmf_glyphs:smoke", overrides)
     # 0: full before the run starts; 32 KiB: the lock and the logs fit, the checkpoint does not.
     for headroom in (0, 32 * 1024):
       workdir = mount / f"run{headroom}"
@@ -56,7 +56,7 @@ def main() -> int:
           pass
       os.truncate(filler, max(0, filler.stat().st_size - headroom))
       command = [sys.executable, "-m", "smat.cli", "meta-train", "--config",
-                 "configs/pmf_glyphs.py:smoke", "--workdir", str(workdir), *overrides]
+                 "pmf_glyphs:smoke", "--workdir", str(workdir), *overrides]
       full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
       last = full.stderr.replace("\r", "\n").rstrip("\n").split("\n")[-1]
       print(f"headroom {headroom}: exit {full.returncode}; {last}")

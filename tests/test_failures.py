@@ -23,7 +23,7 @@ from smat.errors import DataError, SmatError
 from smat.models import checkpoint, convert, vit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vit"
-PMF = "configs/pmf_glyphs.py:smoke"
+PMF = "pmf_glyphs:smoke"
 CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
 
 
@@ -311,7 +311,7 @@ def test_folder_and_embed_see_the_same_images(tmp_path):
     (["--config.train.episodes_per_epoch=-5"], ["train.episodes_per_epoch=-5"]),
     (["--config.val.episodes=0"], ["val.episodes=0"]),
     (["--config.seed=-1"], ["seed=-1"]),
-    (["--config.train.epochs", "3"], ["--config.train.epochs", "FIELD=VALUE"]),
+    (["--config.train.epochs"], ["--config.train.epochs", "FIELD=VALUE", "no value"]),
 ])
 def test_meta_train_config_errors_are_one_line(extra, words, base, tmp_path, capsys):
   code, _, err = run(["meta-train", "--config", PMF, "--workdir", tmp_path / "w", *base, *extra],
@@ -437,7 +437,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(base, f
 def test_checkpoints_of_another_run_shape_are_an_error_and_stay(base, finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished / "checkpoints", workdir / "checkpoints")  # no config.json with them
-  config = config_lib.load("configs/smat_glyphs.py:smoke", base)
+  config = config_lib.load("smat_glyphs:smoke", base)
   with pytest.raises(SmatError, match=r"no checkpoint reads back \(step 4: "):
     metatrain.train_and_evaluate(config, str(workdir), progress=False)
   assert _steps(workdir / "checkpoints") == [2, 4]  # nothing moved: not damage

@@ -352,7 +352,7 @@ def test_compile_only_compiles_the_step_that_runs():
   from benchmarks import throughput
   from smat import config as config_lib
 
-  config = config_lib.load("configs/smat_glyphs.py:smoke", [])
+  config = config_lib.load("smat_glyphs:smoke", [])
   abstract = throughput.compile_only(config, 3, 3, 6, "vit_mini_p4")
   concrete = throughput._description(
       config, throughput._compile(config, 3, 3, 6, "vit_mini_p4"), 3, 3, 6, "vit_mini_p4")

@@ -32,8 +32,8 @@ from smat.meta import experts
 from smat.meta import step as meta_step
 from smat.models import checkpoint, vit
 
-SMAT = "configs/smat_glyphs.py:smoke"
-PMF = "configs/pmf_glyphs.py:smoke"
+SMAT = "smat_glyphs:smoke"
+PMF = "pmf_glyphs:smoke"
 TASKS = 4  # data.meta_batch_size of the shared run
 PER_EPOCH = 50  # steps per epoch: 200 episodes / 4 tasks
 TOTAL = 100  # 2 epochs
@@ -41,7 +41,7 @@ TAU = 0.5
 QUERIES = 3 * 2  # smoke episodes: 3 ways × 2 queries
 
 # The shared SMAT run (without augmentation, which tests/test_meta_units.py covers, so that its
-# query loss shows learning over 100 steps). Learning rates are pinned so that edits to configs/smat_glyphs.py do not
+# query loss shows learning over 100 steps). Learning rates are pinned so that edits to smat_glyphs do not
 # silently change what the sparsity test measures. L_sparse's gradient per gate scales as
 # 1 / (backbone size): the paper's gate_lr 1e6 is tuned for ViT-S (22M weights); on this 3.3k-weight
 # backbone it throws every gate to its clamp in one update, so the run uses 1e3.
@@ -520,7 +520,7 @@ def test_mask_strategy_runs_resume_exactly_and_keep_their_budget(base, tmp_path,
   expert meets the budget exactly once the schedule ends, and a resumed run is bit-identical
   (the strategy's state is checkpointed; circuits are rediscovered every 2 steps, so the cut
   falls between two rediscoveries)."""
-  config = config_lib.load("configs/smat_glyphs.py:smoke", [
+  config = config_lib.load("smat_glyphs:smoke", [
       *base, f"--config.experts.masks={masks}", "--config.sparsity.start=0.25",
       "--config.sparsity.end=0.75", "--config.sparsity.window=1", "--config.train.epochs=3",
       "--config.sparsity.every=2", "--config.sparsity.group_size=8"])

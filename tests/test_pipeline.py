@@ -13,7 +13,7 @@ from smat.data.sources import fashion_mnist
                     reason="needs Debian's dataset-fashion-mnist (bootstrap.sh installs it)")
 def test_reproduce_builds_trains_and_compares(tmp_path):
   summary = pipeline.reproduce(str(tmp_path / "run"), str(tmp_path / "data"),
-                               pretrain_config_path="configs/pretrain_glyphs.py:smoke",
+                               pretrain_config_path="pretrain_glyphs:smoke",
                                meta_variant="smoke", comparison_episodes=4)
   domains = summary["domains"]
   assert domains["glyphs:id"]["splits"]["train"]["num_classes"] > 1000

@@ -18,7 +18,7 @@ from smat.models import checkpoint
 
 
 def _config(data_dir, *overrides):
-  return config_lib.load("configs/pretrain_glyphs.py:smoke", [
+  return config_lib.load("pretrain_glyphs:smoke", [
       f"--config.data_dir={data_dir}", "--config.data.image_size=16", "--config.eval.ways=3",
       "--config.eval.episodes=4", "--config.eval.queries=1", *overrides])
 
@@ -118,7 +118,7 @@ import sys, numpy as np, jax
 from smat import config as c, pretrain
 from smat.models import checkpoint
 assert jax.device_count() == int(sys.argv[3]), jax.devices()
-cfg = c.load("configs/pretrain_glyphs.py:smoke", ["--config.data_dir=" + sys.argv[1],
+cfg = c.load("pretrain_glyphs:smoke", ["--config.data_dir=" + sys.argv[1],
     "--config.data.image_size=16", "--config.eval.ways=3", "--config.eval.episodes=2",
     "--config.eval.queries=1"])
 pretrain.pretrain(cfg, sys.argv[2], progress=False)

@@ -141,7 +141,7 @@ def describe_plans(source: EpisodeSource, count: int) -> dict[str, float]:
 
 
 def make_sampler(data_config):
-  """Sampler from a config's `data` section (fields as in configs/glyphs_small.py)."""
+  """Sampler from a config's `data` section (fields as in smat/configs/glyphs_small.py)."""
   from smat.data.samplers import FixedSampler, MetaDatasetSampler
 
   if data_config.sampler == "fixed":

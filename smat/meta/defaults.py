@@ -1,6 +1,6 @@
 """Default meta-training config: the paper's ViT-S/16 Meta-Dataset values, every constant named.
 
-Config files in configs/ start from `base(method)` and change what their experiment changes;
+Config files in smat/configs/ start from `base(method)` and change what their experiment changes;
 `apply_variants(config, arg)` handles the `:smoke` / `:fullnoise` suffixes they all accept.
 """
 

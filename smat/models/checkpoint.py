@@ -141,6 +141,34 @@ def _preset(arch: str, overrides: dict) -> vit.ViTConfig:
     raise SmatError(str(e)) from None
 
 
+def check_backbone_path(path: str) -> None:
+  """A config's `backbone.path` names something that exists, or one line saying where it was
+  looked for (relative paths are from the current directory) and which command makes it."""
+  if not path:
+    raise SmatError("config field backbone.path is empty: point it at a backbone directory "
+                    "(smat pretrain / smat import-backbone) or a .safetensors file")
+  if not os.path.exists(path):
+    raise SmatError(f"config field backbone.path={path}: not found ({os.path.abspath(path)}; "
+                    f"relative paths are from the current directory); {_make_backbone(path)}, "
+                    f"or set --config.backbone.path=DIR")
+
+
+def _make_backbone(path: str) -> str:
+  """The command that writes a backbone at `path`: `<W>/pretrain/backbone` is the main job's
+  (`smat reproduce --workdir W`), `<D>/backbone` that of `smat pretrain --workdir D`."""
+  if path.endswith(".safetensors"):
+    return "download the weights there (README: Backbones)"
+  parent, name = os.path.split(os.path.normpath(path))
+  workdir, stage = os.path.split(parent)
+  if (stage, name) == ("pretrain", "backbone"):
+    return (f"make it with `smat reproduce --workdir {workdir or '.'}` (the main job) or its "
+            f"pre-training stage alone, `smat pretrain --config pretrain_glyphs --workdir "
+            f"{parent}`")
+  if name == "backbone":
+    return f"make it with `smat pretrain --workdir {parent or '.'}`"
+  return f"make it with `smat import-backbone --out {path}` or `smat pretrain --workdir DIR`"
+
+
 def load_from_config(backbone_config) -> tuple[dict, vit.ViTConfig]:
   """θ_pre named by a config's `backbone` section.
 
@@ -148,9 +176,7 @@ def load_from_config(backbone_config) -> tuple[dict, vit.ViTConfig]:
   the numerics switches `dtype` and `remat` (the architecture comes from the weights).
   """
   b = backbone_config
-  if not b.get("path"):
-    raise SmatError("config field backbone.path is empty: point it at a backbone directory "
-                    "(smat pretrain / smat import-backbone) or a .safetensors file")
+  check_backbone_path(b.get("path", ""))
   fmt = b.get("format") or None
   arch = b.get("arch") or None
   numerics = {k: b[k] for k in ("dtype", "remat") if k in b}

@@ -1,9 +1,9 @@
 """Small-scale SMAT on the offline glyphs benchmark: runs on 2 CPU cores.
 
   smat data prepare glyphs
-  python -m benchmarks.loader_throughput --config configs/glyphs_small.py
+  python -m benchmarks.loader_throughput --config glyphs_small
 
-Variants: `configs/glyphs_small.py:smoke` shrinks everything for tests and CI.
+Variants: `glyphs_small:smoke` shrinks everything for tests and CI.
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """SoftMerge (M dense experts merged by the router; no gates, τ = 0) on the offline glyphs benchmark.
 
-  smat meta-train --config configs/softmerge_glyphs.py --workdir runs/softmerge_glyphs
+  smat meta-train --config softmerge_glyphs --workdir runs/softmerge_glyphs
 
-configs/smat_glyphs.py with method "softmerge": same router, inner step, teachers, episodes,
+smat_glyphs with method "softmerge": same router, inner step, teachers, episodes,
 augmentation and schedule.
 """
 

@@ -1,13 +1,14 @@
 """Supervised pre-training of the small backbone on the glyphs:id training classes (2 CPU cores).
 
-  smat pretrain --config configs/pretrain_glyphs.py --workdir runs/pretrain
+  smat pretrain --config pretrain_glyphs --workdir runs/demo/pretrain
 
-Writes runs/pretrain/backbone (θ_pre for every later command), TensorBoard scalars, metrics.jsonl
-and fewshot.json: zero-shot ProtoNet accuracy (5-way 1-shot and 5-shot, 600 episodes, 95% CI) on
+Writes runs/demo/pretrain/backbone (θ_pre for every later command; `smat reproduce` writes the
+same one, and the glyph meta-training configs read it from there), TensorBoard scalars,
+metrics.jsonl and fewshot.json: zero-shot ProtoNet accuracy (5-way 1-shot and 5-shot, 600 episodes, 95% CI) on
 the glyphs:id test classes and on the held-out glyphs:ood scripts.
 Expected (2 CPU cores): see README "Pre-trained backbone" for the measured time and accuracies.
 
-`configs/pretrain_glyphs.py:smoke` is the same run shrunk to seconds (tests, CI).
+`pretrain_glyphs:smoke` is the same run shrunk to seconds (tests, CI).
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """PMF (P>M>F: dense ProtoNet meta-tuning of the whole backbone) on the offline glyphs benchmark.
 
-  smat meta-train --config configs/pmf_glyphs.py --workdir runs/pmf_glyphs
+  smat meta-train --config pmf_glyphs --workdir runs/pmf_glyphs
 
-configs/smat_glyphs.py with method "pmf": same backbone, episodes, augmentation, length and
+smat_glyphs with method "pmf": same backbone, episodes, augmentation, length and
 schedule (the per-epoch schedule on δ, the only group PMF has).
 """
 

@@ -2,7 +2,7 @@
 
   smat import-backbone --format timm --weights vit_small_patch16_224.dino.safetensors \
       --arch vit_s16 --out runs/dino_vits16
-  smat meta-train --config configs/smat_vits16_md.py --workdir runs/smat_vits16_md \
+  smat meta-train --config smat_vits16_md --workdir runs/smat_vits16_md \
       --config.backbone.dtype=bfloat16
 
 25 epochs × 2000 Meta-Dataset episodes from the 8 training sources (TFDS `meta_dataset/*`

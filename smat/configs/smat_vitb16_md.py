@@ -2,9 +2,9 @@
 
   smat import-backbone --format timm --weights vit_base_patch16_224.dino.safetensors \
       --arch vit_b16 --out runs/dino_vitb16
-  smat meta-train --config configs/smat_vitb16_md.py --workdir runs/smat_vitb16_md
+  smat meta-train --config smat_vitb16_md --workdir runs/smat_vitb16_md
 
-configs/smat_vits16_md.py with the paper's ViT-B values: τ = 0.95, δ lr 5e-4, 50 epochs;
+smat_vits16_md with the paper's ViT-B values: τ = 0.95, δ lr 5e-4, 50 epochs;
 bf16 compute, rematerialised blocks and one task at a time per device (`train.tasks_at_once`,
 the same update) by default, so Meta-Dataset's largest episodes fit in memory
 (benchmarks/results/memory_vit_s16_b16.md).

@@ -1,8 +1,8 @@
 """SoftMerge (M dense experts merged by the router; no gates, τ = 0), DINO ViT-S/16, Meta-Dataset, 128 px (GPU).
 
-  smat meta-train --config configs/softmerge_vits16_md.py --workdir runs/softmerge_vits16_md
+  smat meta-train --config softmerge_vits16_md --workdir runs/softmerge_vits16_md
 
-configs/smat_vits16_md.py with method "softmerge": same backbone, episodes, augmentation, length
+smat_vits16_md with method "softmerge": same backbone, episodes, augmentation, length
 and schedule.
 """
 

@@ -1,8 +1,8 @@
 """PMF (P>M>F: dense ProtoNet meta-tuning of the whole backbone), DINO ViT-S/16, Meta-Dataset, 128 px (GPU).
 
-  smat meta-train --config configs/pmf_vits16_md.py --workdir runs/pmf_vits16_md
+  smat meta-train --config pmf_vits16_md --workdir runs/pmf_vits16_md
 
-configs/smat_vits16_md.py with method "pmf": same backbone, episodes, augmentation, length and
+smat_vits16_md with method "pmf": same backbone, episodes, augmentation, length and
 per-epoch schedule.
 """
 

@@ -1,9 +1,12 @@
 """SMAT on the offline glyphs benchmark, 2 CPU cores (the README's main job runs it).
 
-  smat pretrain --config configs/pretrain_glyphs.py --workdir runs/pretrain
-  smat meta-train --config configs/smat_glyphs.py --workdir runs/smat_glyphs
+  smat pretrain --config pretrain_glyphs --workdir runs/demo/pretrain   # or: smat reproduce
+  smat meta-train --config smat_glyphs --workdir runs/smat_glyphs
 
-θ_pre is the small backbone `smat pretrain` writes (vit_mini_p4, 32 px). The episodes, the
+θ_pre is the small backbone (vit_mini_p4, 32 px) the main job `smat reproduce` writes to
+runs/demo/pretrain/backbone, or its pre-training stage alone (first line). The path is relative
+to the current directory, as `--workdir` is: run from the directory the main job ran in, or set
+`--config.backbone.path=DIR`. The episodes, the
 training length and the learning rates are scaled to a few CPU minutes: fixed 5-way episodes
 instead of Meta-Dataset's, the router temperature annealed over this run's tasks, and δ/gate
 learning rates large enough to move in a few hundred steps. Everything else is the paper's:
@@ -29,7 +32,7 @@ from smat.meta import defaults
 
 def get_config(arg=None):
   c = defaults.base("smat")
-  c.backbone.path = "runs/pretrain/backbone"
+  c.backbone.path = "runs/demo/pretrain/backbone"  # `smat reproduce`'s (smat.pipeline)
   c.data.train = "glyphs:id"
   c.data.val = "glyphs:id"
   c.data.image_size = 32

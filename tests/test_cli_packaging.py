@@ -1,0 +1,214 @@
+"""The installed tool: packaged configs by bare name from any directory, overrides every command
+either uses or refuses, `--version`, a `--help` that imports no JAX, and the wheel's contents."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from smat import cli
+from smat import config as config_lib
+from smat.errors import SmatError
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "numpy", "ml_collections", "grain",
+         "tensorflow_datasets")
+
+
+def run(args, capsys):
+  code = cli.main([str(a) for a in args])
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *words):
+  assert code == 2, err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  for word in words:
+    assert word in err, (word, err)
+
+
+def smat(args, cwd, env=None):
+  """`smat ARGS` as a new process in `cwd` (not the repository root)."""
+  return subprocess.run([sys.executable, "-m", "smat.cli", *map(str, args)], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=120)
+
+
+# ----------------------------------------------------------------------------- packaged configs
+
+
+def test_packaged_configs_load_by_bare_name_from_another_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  by_path = config_lib.load(f"{ROOT}/smat/configs/smat_glyphs.py:smoke")
+  for spec in ("smat_glyphs:smoke", "smat_glyphs.py:smoke"):
+    assert config_lib.load(spec).to_dict() == by_path.to_dict()
+  assert config_lib.load("pmf_glyphs:smoke").method == "pmf"  # a sibling config, by name too
+  assert config_lib.load("smat_glyphs:smoke").train.epochs < config_lib.load(
+      "smat_glyphs").train.epochs
+  assert {"glyphs_small", "pretrain_glyphs", "smat_glyphs", "smat_vits16_md"} <= set(
+      config_lib.packaged_names())
+  with pytest.raises(SmatError, match="smat_glyph: file not found and not a packaged config.*"
+                                      "smat_glyphs"):
+    config_lib.load("smat_glyph")
+  with pytest.raises(SmatError, match="configs/smat_glyphs.py: file not found"):
+    config_lib.load("configs/smat_glyphs.py")  # a path is a path: no fallback to the package
+
+
+def test_a_file_in_the_current_directory_wins_over_a_packaged_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "smat_glyphs.py").write_text(
+      "import ml_collections\n\ndef get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict({'mine': arg})\n")
+  assert config_lib.load("smat_glyphs.py:x").mine == "x"
+  assert "mine" not in config_lib.load("smat_glyphs")  # the bare name is the packaged one
+
+
+def test_meta_train_from_another_directory_names_the_command_that_makes_the_backbone(tmp_path):
+  done = smat(["meta-train", "--config", "smat_glyphs:smoke", "--workdir", "w"], tmp_path)
+  assert done.returncode == 2, done.stderr
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config field backbone.path=runs/demo/pretrain/backbone"), last
+  assert str(tmp_path / "runs/demo/pretrain/backbone") in last
+  assert "`smat reproduce --workdir runs/demo`" in last and "--config.backbone.path" in last
+  assert not (tmp_path / "w").exists()  # checked before the workdir is made
+
+
+def test_glyph_configs_read_the_backbone_the_main_job_writes():
+  from smat import pipeline
+
+  default = cli.build_parser().parse_args(["reproduce"]).workdir
+  assert default == pipeline.DEFAULT_WORKDIR
+  for name in ("smat_glyphs", "pmf_glyphs", "softmerge_glyphs"):
+    assert config_lib.load(name).backbone.path == f"{default}/pretrain/backbone", name
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def test_both_override_forms_as_in_config_flags():
+  rest, overrides = cli.split_overrides(
+      ["meta-train", "--config.train.epochs", "3", "--workdir", "w", "--config.seed=2",
+       "--config.optim.delta_lr", "-1e-3", "--config", "smat_glyphs:smoke"])
+  assert rest == ["meta-train", "--workdir", "w", "--config", "smat_glyphs:smoke"]
+  assert overrides == ["--config.train.epochs=3", "--config.seed=2",
+                       "--config.optim.delta_lr=-1e-3"]
+  loaded = config_lib.load("smat_glyphs:smoke", overrides)
+  assert (loaded.train.epochs, loaded.seed, loaded.optim.delta_lr) == (3, 2, -1e-3)
+  for argv in (["--config.seed"], ["--config.seed", "--workdir", "w"]):
+    with pytest.raises(SmatError, match="--config.seed: no value"):
+      cli.split_overrides(argv)
+
+
+@pytest.mark.parametrize("args", [
+    ["evaluate", "--workdir", "w", "--domains", "glyphs:id", "--out", "r.json"],
+    ["plot", "--workdir", "w", "--out", "figs"],
+    ["data", "describe", "glyphs:id"],
+    ["import-backbone", "--format", "timm", "--arch", "vit_s16", "--weights", "x.safetensors",
+     "--out", "bb"],
+    ["embed", "--backbone", "bb", "--images", "imgs", "--out", "f.npz"],
+])
+def test_an_override_a_command_cannot_use_exits_2_naming_it(args, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  command = " ".join(args[:2] if args[0] == "data" else args[:1])
+  for override in (["--config.seed=1"], ["--config.seed", "1"]):
+    code, _, err = run([*args, *override], capsys)
+    assert_one_line_error(code, err, "--config.seed=1", f"`smat {command}`")
+  assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_override_value_exits_2(capsys):
+  code, _, err = run(["meta-train", "--workdir", "w", "--config.train.epochs"], capsys)
+  assert_one_line_error(code, err, "--config.train.epochs", "no value")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.train.epoch=1", ["--config.train.epoch", "no config of `smat reproduce`"]),
+    ("--config.backbone.path=x", ["--config.backbone.path", "--workdir"]),
+    ("--config.data_dir=x", ["--config.data_dir", "--data-dir"]),
+    ("--config.eval.domains=glyphs:id", ["--config.eval.domains", "sets this field itself"]),
+    ("--config.train.epochs=two", ["train.epochs=two"]),
+])
+def test_reproduce_refuses_an_override_no_stage_can_use(override, words, tmp_path, capsys):
+  code, _, err = run(["reproduce", "--workdir", tmp_path / "demo", override], capsys)
+  assert_one_line_error(code, err, *words)
+  assert not (tmp_path / "demo").exists()  # before any stage runs
+
+
+def test_reproduce_sends_each_override_to_the_stages_that_have_its_field():
+  from smat import pipeline
+
+  paths = {"episodes": "glyphs_small", "pretrain": "pretrain_glyphs", "smat": "smat_glyphs"}
+  configs = pipeline.stage_configs(paths, ["--config.seed=5", "--config.train.epochs=1",
+                                           "--config.pretrain.steps=7"])
+  assert [configs[s].seed for s in paths] == [5, 5, 5]
+  assert configs["smat"].train.epochs == 1 and configs["pretrain"].pretrain.steps == 7
+
+
+# ----------------------------------------------------------------------------- --version, --help
+
+
+def test_version_is_pyproject_version(tmp_path):
+  version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+  done = smat(["--version"], tmp_path)
+  assert done.returncode == 0 and done.stdout.strip() == f"smat {version}", done
+
+
+_HELP_IMPORTS = """
+import contextlib, io, sys
+from smat import cli
+for args in (["--help"], *([c, "--help"] for c in sys.argv[1:])):
+  with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    cli.main(args)
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_help_imports_no_jax(tmp_path):
+  commands = ["reproduce", "data", "pretrain", "meta-train", "evaluate", "plot",
+              "import-backbone", "embed"]
+  done = subprocess.run([sys.executable, "-c", _HELP_IMPORTS, *commands], cwd=tmp_path,
+                        capture_output=True, text=True, check=True)
+  loaded = set(done.stdout.split())
+  assert "smat" in loaded and not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_choices_spelt_out_in_the_cli_match_the_library():
+  from smat.models import convert, vit
+
+  assert cli.FORMATS == convert.FORMATS and cli.ARCHS == tuple(sorted(vit.PRESETS))
+
+
+# ----------------------------------------------------------------------------- the wheel
+
+
+def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp_path):
+  # Built from a copy: setuptools builds in the source tree, and a stale build/ there would
+  # leak removed files into the wheel (and runs/ may hold gigabytes).
+  source = tmp_path / "src"
+  shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
+  build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(source),
+                          "-w", str(tmp_path / "dist")], capture_output=True, text=True,
+                         timeout=300)
+  assert build.returncode == 0, build.stderr[-2000:]
+  (wheel,) = (tmp_path / "dist").glob("smat-*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  for name in ("smat_glyphs", "pmf_glyphs", "pretrain_glyphs", "glyphs_small", "smat_vits16_md"):
+    assert f"smat/configs/{name}.py" in names, name
+  assert any(re.fullmatch(r"smat-[^/]+\.dist-info/licenses/LICENSE", n) for n in names), names
+  zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+  where = subprocess.run([sys.executable, "-c", "import smat; print(smat.__file__)"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.startswith(str(tmp_path / "site")), where.stdout  # the wheel's copy
+  done = smat(["meta-train", "--config", "pmf_glyphs:smoke", "--workdir", "w"], elsewhere, env)
+  assert done.returncode == 2 and "backbone.path=runs/demo/pretrain/backbone" in done.stderr, (
+      done.stderr[-2000:])
