@@ -31,6 +31,10 @@ BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safe
 
 SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
       tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed)
+
+Environment: SMAT_DATA_DIR (built datasets, default ~/.cache/smat), SMAT_THREADS=N (pin XLA's
+      CPU threads, for bit-identical results across machines), SMAT_COMPILE_CACHE=DIR|off
+      (compiled steps are kept in <data dir>/xla_cache/<machine> and reused by later runs)
 """
 
 from __future__ import annotations
@@ -359,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="episode-stream config (default: glyphs_small); --config.FIELD="
                               "VALUE overrides go to every stage config that has the field")
   _data_dir_arg(reproduce)
-  reproduce.set_defaults(run=_cmd_reproduce, takes_overrides=True)
+  reproduce.set_defaults(run=_cmd_reproduce, takes_overrides=True, compiles=True)
 
   data = commands.add_parser("data", help="prepare, describe and look at data")
   data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -408,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
   pretrain.add_argument("--workdir", required=True,
                         help="checkpoints, logs and the exported backbone go here")
   _distributed_arg(pretrain)
-  pretrain.set_defaults(run=_cmd_pretrain, takes_overrides=True)
+  pretrain.set_defaults(run=_cmd_pretrain, takes_overrides=True, compiles=True)
 
   meta = commands.add_parser(
       "meta-train", help="meta-train SMAT, SoftMerge or PMF on top of a frozen backbone θ_pre",
@@ -425,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "variants smoke, fullnoise)")
   meta.add_argument("--workdir", required=True, help="checkpoints and logs go here")
   _distributed_arg(meta)
-  meta.set_defaults(run=_cmd_meta_train, takes_overrides=True)
+  meta.set_defaults(run=_cmd_meta_train, takes_overrides=True, compiles=True)
 
   ev = commands.add_parser(
       "evaluate", help="few-shot accuracy of a meta-trained run (or θ_pre) on test classes",
@@ -481,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--skip-corrupt", action="store_true",
                   help="skip unreadable images of folder: domains (counted) instead of failing")
   _data_dir_arg(ev)
-  ev.set_defaults(run=_cmd_evaluate)
+  ev.set_defaults(run=_cmd_evaluate, compiles=True)
 
   plot = commands.add_parser(
       "plot", help="figures of a SMAT run: mask density per block/type/expert, expert choice",
@@ -498,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
   _sampler_args(plot, queries=15)
   plot.add_argument("--seed", type=int, default=0)
   _data_dir_arg(plot)
-  plot.set_defaults(run=_cmd_plot)
+  plot.set_defaults(run=_cmd_plot, compiles=True)
 
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")
   _backbone_args(imp, required=True)
@@ -521,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
   emb.add_argument("--image-size", type=int, default=None,
                    help="input size (default: the backbone's; others interpolate positions)")
   emb.add_argument("--batch-size", type=int, default=64)
-  emb.set_defaults(run=_cmd_embed)
+  emb.set_defaults(run=_cmd_embed, compiles=True)
   return parser
 
 
@@ -533,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     args.overrides = overrides
     check_overrides_taken(args)
+    if getattr(args, "compiles", False):
+      from smat import compile_cache
+
+      compile_cache.enable(getattr(args, "data_dir", None))
     args.run(args)
   except SmatError as e:
     print(f"error: {e}", file=sys.stderr)

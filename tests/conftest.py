@@ -5,6 +5,9 @@ import os
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns a persistent XLA cache on in ~/.cache/smat; tests keep theirs per module
+# (module_compilation_cache) and never write outside their temporary folders.
+os.environ.setdefault("SMAT_COMPILE_CACHE", "off")
 
 SMALL_GLYPHS = dict(size=16, instances=6, scripts=("ARMENIAN", "GEORGIAN", "HEBREW"),
                     max_classes_per_script=30)
