@@ -16,8 +16,11 @@
                                        mask) or a sparsity strategy (random, map, influence,
                                        selfpruner, circuit)
   smat plot --workdir D --out DIR      mask density per block/type/expert, expert choice map
-  smat import-backbone --format timm|hf --weights F.safetensors --arch vit_s16|vit_b16 --out D
+  smat import-backbone --format timm|hf --weights F.safetensors --arch ARCH --out D
                                        DINO weights → a backbone directory
+  smat export --workdir D [--support DIR | --alpha uniform] --out F.safetensors
+                                       a model (θ_pre, PMF's θ_pre + δ, SMAT's θ_task for a
+                                       support set) as timm-layout safetensors
   smat embed --backbone B --images DIR --out F.npz
                                        backbone features of an image folder
 
@@ -27,7 +30,8 @@ Configs: --config NAME[:VARIANT] names a packaged config (glyphs_small, pretrain
       of --config.FIELD=VALUE (or --config.FIELD VALUE) overrides; other commands refuse them.
       Relative paths in configs (backbone.path, data_dir) are from the current directory.
 BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safetensors file
-      with --format timm|hf --arch vit_s16|vit_b16.
+      with --format timm|hf --arch ARCH (vit_s16, vit_b16: DINO; vit_s14_dinov2, vit_b14_dinov2:
+      DINOv2 in timm's layout).
 
 SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
       tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed)
@@ -52,7 +56,7 @@ ADAPT_MODES = ("zero-shot", "full", "lora", "sparse", "random", "map", "influenc
                "circuit")
 # `smat.models.convert.FORMATS` and `sorted(smat.models.vit.PRESETS)`, spelt out likewise.
 FORMATS = ("timm", "hf")
-ARCHS = ("vit_b16", "vit_mini_p4", "vit_s16", "vit_tiny_p4")
+ARCHS = ("vit_b14_dinov2", "vit_b16", "vit_mini_p4", "vit_s14_dinov2", "vit_s16", "vit_tiny_p4")
 
 
 def _distributed_arg(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +323,27 @@ def _cmd_import_backbone(args) -> None:
         f"(layer_norm_eps {config.layer_norm_eps}, {config.image_size} px position embeddings)")
 
 
+def _cmd_export(args) -> None:
+  from smat import export, outputs
+
+  outputs.check_output(args.out, "--out", (".safetensors",))
+  if bool(args.workdir) == bool(args.backbone):
+    raise SmatError("give --workdir D (a meta-train run) or --backbone B (a backbone "
+                    "directory), one of them")
+  if args.backbone:
+    if args.support or args.alpha:
+      raise SmatError("--support and --alpha choose a task's θ of a run; a backbone is one "
+                      "model: drop them")
+    params, config, meta = export.from_backbone(args.backbone)
+  else:
+    params, config, meta = export.from_run(args.workdir, args.checkpoint, args.support,
+                                           args.alpha)
+  export.save(args.out, params, config, meta, args.format)
+  alpha = f", α = {', '.join(f'{a:.3f}' for a in meta['alpha'])}" if "alpha" in meta else ""
+  print(f"{args.out}: {meta['model']} in {args.format} layout "
+        f"({config.width} wide, {config.depth} blocks{alpha})")
+
+
 def _cmd_embed(args) -> None:
   import numpy as np
 
@@ -516,6 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("--layer-norm-eps", type=float, default=None,
                    help="override LayerNorm epsilon (default: timm 1e-6, hf 1e-12)")
   imp.set_defaults(run=_cmd_import_backbone)
+
+  exp = commands.add_parser(
+      "export", help="a model as timm-layout safetensors: θ_pre, PMF's backbone, θ_task",
+      description="Writes one safetensors file that timm's VisionTransformer(num_classes=0) "
+                  "(or with --format hf, transformers' ViTModel) loads: a backbone directory "
+                  "as it is; a PMF run's θ_pre + δ; a SMAT or SoftMerge run's θ_task for a "
+                  "support set (--support: routed and masked as zero-shot meta-test does) or "
+                  "its merged model at given expert weights (--alpha).")
+  exp.add_argument("--workdir", default=None, help="a meta-train run")
+  exp.add_argument("--checkpoint", choices=("best", "checkpoints"), default="best",
+                   help="the run's checkpoint: best (what meta-test uses) or the final one")
+  exp.add_argument("--backbone", default=None, help="a backbone directory (θ_pre)")
+  exp.add_argument("--support", default=None, metavar="DIR",
+                   help="SMAT/SoftMerge: a folder with one sub-folder of images per class")
+  exp.add_argument("--alpha", default=None, metavar="uniform|W1,...,WM",
+                   help="SMAT/SoftMerge: the merged model at these expert weights")
+  exp.add_argument("--format", choices=FORMATS, default="timm")
+  exp.add_argument("--out", required=True, help="output .safetensors file")
+  exp.set_defaults(run=_cmd_export, compiles=True)
 
   emb = commands.add_parser("embed", help="backbone CLS features of every image in a folder")
   emb.add_argument("--backbone", required=True, help="backbone directory or .safetensors file")

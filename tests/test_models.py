@@ -103,6 +103,38 @@ def test_hf_import_matches_reference():
   assert tree_max_diff(convert.convert(prefixed, "hf", config), params) == 0
 
 
+@pytest.mark.parametrize("size", [32, 24])
+def test_dinov2_import_matches_reference(size):
+  """LayerScale blocks (DINOv2) in timm's layout: the same features as timm's model, DINOv2's
+  unused mask_token skipped, and the LayerScale gammas really used."""
+  config = fixture_config("timm", layer_scale=True)
+  path = str(FIXTURES / "dinov2.safetensors")
+  params = convert.import_safetensors(path, "timm", config)
+  assert params["blocks"]["ls1"]["gamma"].shape == (2, 48)
+  ref = np.load(FIXTURES / "dinov2.npz")
+  out = features(params, ref[f"images_{size}"], config)
+  assert max_diff(out, ref[f"features_{size}"]) <= 1e-4
+  unscaled = jax.tree.map(lambda x: x, params)
+  unscaled["blocks"]["ls1"]["gamma"] = jnp.ones_like(params["blocks"]["ls1"]["gamma"])
+  assert max_diff(features(unscaled, ref[f"images_{size}"], config), out) > 1e-3
+  exported = convert.export(params, "timm")
+  tensors = convert.read_safetensors(path)
+  assert sorted(exported) == sorted(k for k in tensors if k != "mask_token")
+  with pytest.raises(convert.WeightsError, match="use --format timm"):
+    convert.convert(tensors, "hf", config)
+  # A DINO (v1) architecture asked to read DINOv2 weights names the LayerScale keys.
+  with pytest.raises(convert.WeightsError, match="unexpected keys .*ls1.gamma"):
+    convert.convert(tensors, "timm", fixture_config("timm"))
+
+
+def test_dinov2_presets_have_timms_parameter_counts():
+  # timm's vit_small_patch14_dinov2 / vit_base_patch14_dinov2 (num_classes=0): 22,056,192 and
+  # 86,579,712 parameters (their 518-px position embeddings included).
+  for arch, count in (("vit_s14_dinov2", 22_056_192), ("vit_b14_dinov2", 86_579_712)):
+    shapes = vit.param_shapes(vit.get_config(arch))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count, arch
+
+
 # 3. Backbone directories.
 
 def test_checkpoint_round_trip_is_bit_identical(timm, saved_backbone):
@@ -422,3 +454,32 @@ def test_configs_name_a_backbone_directory_or_safetensors_file(tmp_path):
     checkpoint.load_from_config(section)
   with pytest.raises(SmatError, match="backbone.path"):
     checkpoint.load_from_config(ml_collections.ConfigDict({"path": ""}))
+
+
+@pytest.mark.parametrize("fmt", ["timm", "hf"])
+def test_export_is_the_exact_inverse_of_import(fmt):
+  """Imported then exported, every tensor of the fixture comes back bit for bit under its own
+  key and shape (timm's fused qkv included); only the heads a backbone does not use are left."""
+  from safetensors.numpy import load_file
+
+  tensors = load_file(str(FIXTURES / f"{fmt}.safetensors"))
+  params = convert.convert(dict(tensors), fmt, fixture_config(fmt))
+  exported = convert.export(params, fmt)
+  kept = {k: v for k, v in tensors.items() if not convert._IGNORED[fmt].match(k)}
+  assert sorted(exported) == sorted(kept)
+  for key, value in kept.items():
+    assert exported[key].shape == value.shape and exported[key].dtype == np.float32, key
+    np.testing.assert_array_equal(exported[key], value.astype(np.float32), err_msg=key)
+
+
+def test_export_of_changed_weights_reimports_to_the_same_features(timm):
+  """A model that is not the fixture (θ_pre moved by a random δ, as a meta-trained θ_task is)
+  exports to a file whose import computes its features exactly."""
+  params, config, ref = timm
+  keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(params))))
+  moved = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
+  again = convert.convert(convert.export(moved, "timm"), "timm", config)
+  assert tree_max_diff(again, moved) == 0.0
+  images = ref["images_32"]
+  np.testing.assert_array_equal(features(again, images, config), features(moved, images, config))
+  assert max_diff(features(moved, images, config), ref["features_32"]) > 1e-3  # really changed

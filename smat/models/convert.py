@@ -1,4 +1,5 @@
-"""DINO ViT weights in timm or Hugging Face layout (safetensors) → our parameter tree.
+"""DINO ViT weights in timm or Hugging Face layout (safetensors) → our parameter tree, and back
+(`export`).
 
 Only safetensors are read: the format holds tensors and nothing that can execute. Each layout is
 a table from our parameter path to a source key and a converter (PyTorch `Linear` weights are
@@ -26,7 +27,7 @@ from smat.models import vit
 FORMATS = ("timm", "hf")
 DEFAULT_LAYER_NORM_EPS = {"timm": 1e-6, "hf": 1e-12}
 _IGNORED = {
-    "timm": re.compile(r"^(head|head_dist|fc_norm)\.(weight|bias)$"),
+    "timm": re.compile(r"^(head|head_dist|fc_norm)\.(weight|bias)$|^mask_token$"),
     "hf": re.compile(r"^(pooler\.dense|classifier)\.(weight|bias)$|^embeddings\.mask_token$"),
 }
 
@@ -53,7 +54,17 @@ def _qkv_part(part: int, kind: str) -> Callable[[np.ndarray], np.ndarray]:
     third = w.shape[0] // 3
     piece = w[part * third:(part + 1) * third]
     return _linear(piece) if kind == "kernel" else piece
+  take.qkv_part, take.kind = part, kind
   return take
+
+
+def _inverse(fn: Callable) -> Callable[[np.ndarray], np.ndarray]:
+  """Our array → the source layout's (for the qkv parts: the part, fused by `export`)."""
+  if fn is _conv:
+    return lambda w: np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)))
+  if fn is _linear or getattr(fn, "kind", None) == "kernel":
+    return _linear
+  return _same
 
 
 def _block_table(fmt: str) -> dict[str, tuple[str, Callable]]:
@@ -63,6 +74,8 @@ def _block_table(fmt: str) -> dict[str, tuple[str, Callable]]:
     prefix = "blocks.{i}."
     names = {"norm1": "norm1", "norm2": "norm2", "attn/proj": "attn.proj",
              "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    table["ls1/gamma"] = (prefix + "ls1.gamma", _same)  # DINOv2's LayerScale
+    table["ls2/gamma"] = (prefix + "ls2.gamma", _same)
     for part, qkv in enumerate(("query", "key", "value")):
       table[f"attn/{qkv}/kernel"] = (prefix + "attn.qkv.weight", _qkv_part(part, "kernel"))
       table[f"attn/{qkv}/bias"] = (prefix + "attn.qkv.bias", _qkv_part(part, "bias"))
@@ -120,6 +133,10 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
   expected = dict(_flatten(vit.param_shapes(config)))
   used, missing, misshaped, mistyped, params = set(), [], [], [], {}
   top, block = _top_table(fmt), _block_table(fmt)
+  if config.layer_scale and fmt != "timm":
+    raise WeightsError(f"{where}: LayerScale backbones (DINOv2) are read in timm's layout "
+                       f"(timm's vit_*_patch14_dinov2 or DINOv2's own state dict): use --format "
+                       f"timm")
   for path, shape_dtype in expected.items():
     if path.startswith("blocks/"):
       key, fn = block[path.removeprefix("blocks/")]
@@ -161,6 +178,32 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
         + "\n  ".join(problems)
         + "\n  (check --format and --arch; the file must hold the backbone's state dict)")
   return params
+
+
+def export(params: dict, fmt: str = "timm") -> dict[str, np.ndarray]:
+  """Our parameter tree → the state dict `convert` reads (float32, contiguous), so that timm's
+  `VisionTransformer(num_classes=0)` or Hugging Face's `ViTModel` loads it: the inverse of
+  `convert`, with timm's query/key/value fused back into one `qkv` (LayerScale backbones in
+  timm's layout only, as they import)."""
+  if fmt not in FORMATS:
+    raise WeightsError(f"unknown weight format {fmt!r}; use one of {', '.join(FORMATS)}")
+  flat = {path: np.asarray(value, np.float32) for path, value in _flatten(params)}
+  depth = flat["blocks/norm1/scale"].shape[0]
+  out, fused = {}, {}
+  for path, (key, fn) in _top_table(fmt).items():
+    out[key] = _inverse(fn)(flat[path])
+  for path, (key, fn) in _block_table(fmt).items():
+    if "blocks/" + path not in flat:  # LayerScale, in DINOv2's backbones only
+      continue
+    for i in range(depth):
+      value = _inverse(fn)(flat["blocks/" + path][i])
+      if hasattr(fn, "qkv_part"):
+        fused.setdefault(key.format(i=i), [None] * 3)[fn.qkv_part] = value
+      else:
+        out[key.format(i=i)] = value
+  for key, parts in fused.items():
+    out[key] = np.ascontiguousarray(np.concatenate(parts, axis=0))
+  return out
 
 
 def _floating(x) -> bool:

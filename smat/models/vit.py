@@ -39,7 +39,8 @@ class ViTConfig:
   `remat` recomputes block activations in the backward pass instead of storing them.
   `unroll_blocks` unrolls the loop over the stacked blocks: ViT-S/16 fwd+bwd runs 1.7× faster
   on an H100 unrolled, and XLA's cost analysis counts a rolled loop body only once; a rolled
-  loop (False) compiles in time independent of depth.
+  loop (False) compiles in time independent of depth. `layer_scale` adds DINOv2's LayerScale:
+  each residual branch is multiplied by a learned per-channel `gamma` (`ls1`, `ls2`).
   """
 
   patch_size: int
@@ -52,6 +53,7 @@ class ViTConfig:
   dtype: str = "float32"
   remat: bool = False
   unroll_blocks: bool = True
+  layer_scale: bool = False
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
 
@@ -85,6 +87,12 @@ PRESETS: dict[str, ViTConfig] = {
                              image_size=32),
     "vit_mini_p4": ViTConfig(patch_size=4, width=128, depth=4, num_heads=4, mlp_dim=512,
                              image_size=32),
+    # DINOv2 (timm's vit_*_patch14_dinov2.lvd142m, without registers): 518-px position
+    # embeddings (37 × 37 patches of 14 px) and LayerScale.
+    "vit_s14_dinov2": ViTConfig(patch_size=14, width=384, depth=12, num_heads=6, mlp_dim=1536,
+                                image_size=518, layer_scale=True),
+    "vit_b14_dinov2": ViTConfig(patch_size=14, width=768, depth=12, num_heads=12, mlp_dim=3072,
+                                image_size=518, layer_scale=True),
 }
 
 
@@ -158,6 +166,16 @@ class Attention(nn.Module):
     return dense("proj")(out)
 
 
+class LayerScale(nn.Module):
+  """DINOv2's per-channel scale of a residual branch (initialised at 1e-5, as DINOv2 trains)."""
+
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param("gamma", nn.initializers.constant(1e-5), (self.width,)).astype(x.dtype)
+
+
 class Block(nn.Module):
   """Pre-LN transformer block; the (carry, None) signature is what `nn.scan` expects."""
 
@@ -166,10 +184,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     c = self.config
-    x = x + Attention(c, name="attn")(_norm(c, "norm1")(x))
+    scale = ((lambda name: LayerScale(c.width, name=name)) if c.layer_scale
+             else (lambda name: lambda y: y))
+    x = x + scale("ls1")(Attention(c, name="attn")(_norm(c, "norm1")(x)))
     y = _dense(c, c.mlp_dim, "fc1")(_norm(c, "norm2")(x))
     y = _dense(c, c.width, "fc2")(nn.gelu(y, approximate=False))
-    return x + y, None
+    return x + scale("ls2")(y), None
 
 
 class VisionTransformer(nn.Module):
@@ -197,6 +217,16 @@ class VisionTransformer(nn.Module):
     x, _ = blocks(c, name="blocks")(x, None)
     x = _norm(c, "norm")(x)
     return x[:, 0].astype(jnp.float32)
+
+
+def require_plain_blocks(config: ViTConfig, what: str) -> None:
+  """The re-implemented forwards of circuits and compression know DINO's blocks, not
+  LayerScale's: refuse rather than compute a different network."""
+  if config.layer_scale:
+    from smat.errors import SmatError
+
+    raise SmatError(f"{what} supports DINO's ViT blocks, not LayerScale (DINOv2) backbones; "
+                    f"use a learned or another hand-designed mask strategy")
 
 
 def init(config: ViTConfig, key: jax.Array) -> dict:

@@ -78,6 +78,7 @@ def embed_tokens(params, images, config):
 def node_forward(params, images, config: vit.ViTConfig, inputs: dict, group_size: int):
   """(CLS features [B, D], node outputs {out: [L, H, B, T, D], mlp: [L, G, B, T, D]}) of
   `vit.forward` (float32), with `inputs[kind][l, n]` added to the stream node n reads."""
+  vit.require_plain_blocks(config, "circuit masks")
   heads, width, eps = config.num_heads, config.width, config.layer_norm_eps
   dh, groups = width // heads, num_groups(config, group_size)
   x = embed_tokens(params, images, config)

@@ -143,6 +143,7 @@ def _attention(x, p, dh: int):
 def pruned_forward(pruned, images, config: vit.ViTConfig) -> jax.Array:
   """CLS features [B, D] of `prune`'s output on normalised images (layers unrolled: each has
   its own width)."""
+  vit.require_plain_blocks(config, "structured compression")
   eps, dh = config.layer_norm_eps, config.width // config.num_heads
   x = embed_tokens(pruned, images, config)
   for p in pruned["blocks"]:
