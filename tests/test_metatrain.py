@@ -22,6 +22,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from smat import cli, sparsity, training
 from smat import config as config_lib
@@ -30,7 +31,7 @@ from smat.data import loader
 from smat.errors import SmatError
 from smat.meta import experts
 from smat.meta import step as meta_step
-from smat.models import checkpoint, vit
+from smat.models import checkpoint, convert, vit
 
 SMAT = "smat_glyphs:smoke"
 PMF = "pmf_glyphs:smoke"
@@ -506,12 +507,134 @@ def test_cli_meta_train(base, tmp_path, capsys):
   (kept,) = _steps(tmp_path / "pmf" / "best")
   assert next(h["accuracy"] for h in history if h["step"] == kept) == best["accuracy"]
 
+  # Exported, PMF's backbone is θ_pre + δ of the best checkpoint, in timm's layout.
+  exported = tmp_path / "pmf.safetensors"
+  assert cli.main(["export", "--workdir", str(tmp_path / "pmf"), "--out", str(exported)]) == 0
+  run = metatrain.load_run(str(tmp_path / "pmf"))
+  tensors, meta = _read_export(exported)
+  assert meta["model"] == "θ_pre + δ" and meta["method"] == "pmf" and "blocks.0.attn.qkv.weight" in tensors
+  again = convert.convert(tensors, "timm", run.hp.vit)
+  by_hand = jax.tree.map(lambda p, d: np.asarray(p) + np.asarray(d), run.theta_pre,
+                         run.params["delta"])
+  chex.assert_trees_all_close(again, by_hand, atol=0, rtol=0)
+  assert max(float(np.abs(d).max()) for d in jax.tree.leaves(run.params["delta"])) > 0
+  capsys.readouterr()
+  assert cli.main(["export", "--workdir", str(tmp_path / "pmf"), "--alpha", "uniform",
+                   "--out", str(exported)]) == 2
+  assert "one backbone for every task" in capsys.readouterr().err
+
   code = cli.main(["meta-train", "--config", PMF, "--workdir", str(tmp_path / "typo"), *base,
                    "--config.optim.nope=1"])
   err = capsys.readouterr().err
   assert code == 2
   assert "optim.nope" in err and err.startswith("error:")
   assert not (tmp_path / "typo").exists()
+
+
+def test_meta_train_on_a_folder_of_your_own_classes(base, tmp_path, capsys):
+  """A folder of class sub-folders, its classes split in the SPEC, meta-trains and validates on
+  its own classes; without the split the error says how to add one."""
+  root = tmp_path / "mine"
+  rng = np.random.default_rng(0)
+  for c in range(8):
+    (root / f"class{c}").mkdir(parents=True)
+    for i in range(4):
+      Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+          root / f"class{c}" / f"{i}.png")
+  spec = f"folder:{root}?split=5/3/0"
+  workdir = tmp_path / "run"
+  code = cli.main(["meta-train", "--config", SMAT, "--workdir", str(workdir), *base,
+                   f"--config.data.train={spec}", f"--config.data.val={spec}"])
+  assert code == 0, capsys.readouterr().err
+  history = json.loads((workdir / "validation.json").read_text())
+  assert [h["step"] for h in history] == [2, 4]
+  assert all(0 <= h["accuracy"] <= 100 for h in history)
+  assert json.loads((workdir / "config.json").read_text())["data"]["train"] == spec
+  code = cli.main(["meta-train", "--config", SMAT, "--workdir", str(tmp_path / "nosplit"), *base,
+                   f"--config.data.train=folder:{root}", f"--config.data.val={spec}"])
+  err = capsys.readouterr().err
+  assert code == 2 and "no train classes" in err and "?split=70/15/15" in err
+
+
+def _read_export(path):
+  """(tensors, metadata with JSON values decoded) of an exported safetensors file."""
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+
+  with safe_open(str(path), framework="numpy") as f:
+    raw = f.metadata()
+  meta = {}
+  for key, value in raw.items():
+    try:
+      meta[key] = json.loads(value)
+    except ValueError:
+      meta[key] = value
+  return load_file(str(path)), meta
+
+
+def _support_folder(root, classes=3, per_class=2, size=16):
+  rng = np.random.default_rng(0)
+  for c in range(classes):
+    (root / f"class{c}").mkdir(parents=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 256, (size + 4, size, 3), dtype=np.uint8)).save(
+          root / f"class{c}" / f"{i}.png")
+  return root
+
+
+def test_export_theta_task_and_merged_models_of_a_smat_run(shared, tmp_path, capsys):
+  """θ_task for a support set is θ_pre + (Σ_k α_k z_k) ⊙ δ with the α the router gives that
+  support and the deterministic gates, written in timm's layout; the merged model at given α
+  is the same formula; a run without --support or --alpha is refused."""
+  from smat import export
+  from smat.meta import gates as hc
+
+  workdir = str(shared.workdir)
+  run = metatrain.load_run(workdir, "checkpoints")
+  support = _support_folder(tmp_path / "support")
+  out = tmp_path / "task.safetensors"
+  assert cli.main(["export", "--workdir", workdir, "--checkpoint", "checkpoints",
+                   "--support", str(support), "--out", str(out)]) == 0
+  tensors, meta = _read_export(out)
+  alpha = np.asarray(meta["alpha"])
+  assert meta["model"] == "θ_task" and alpha.shape == (run.hp.num_experts,)
+  assert alpha.sum() == pytest.approx(1.0, abs=1e-6)
+  assert meta["architecture"]["width"] == run.hp.vit.width
+  theta = convert.convert(tensors, "timm", run.hp.vit)
+
+  def by_hand(weights):  # z = clip(σ(log α)(ζ − γ) + γ, 0, 1) per expert, then the sum
+    def leaf(p, d, g):
+      if g.size == 0:
+        return np.asarray(p)
+      z = np.clip(1 / (1 + np.exp(-np.asarray(g, np.float64))) * (hc.ZETA - hc.GAMMA)
+                  + hc.GAMMA, 0, 1)
+      return np.asarray(p) + np.tensordot(weights, z, axes=1) * np.asarray(d)
+    return jax.tree.map(leaf, run.theta_pre, run.params["delta"], run.params["gates"])
+
+  chex.assert_trees_all_close(theta, by_hand(alpha), atol=1e-6, rtol=0)
+  # The router's α for this support, computed on its own, is what the file records.
+  episode = export.support_episode(str(support), run.hp.vit.image_size, 146 / 128)
+  _, routed = export.task_params(run, episode)
+  np.testing.assert_allclose(routed, alpha, atol=1e-6)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(run.theta_pre)))
+  assert moved > 0  # θ_task is not θ_pre
+
+  weights = [3.0] + [1.0] * (run.hp.num_experts - 1)
+  assert cli.main(["export", "--workdir", workdir, "--checkpoint", "checkpoints", "--alpha",
+                   ",".join(map(str, weights)), "--out", str(out)]) == 0
+  tensors, meta = _read_export(out)
+  normalised = np.asarray(weights) / sum(weights)
+  assert meta["model"] == "merged"
+  np.testing.assert_allclose(meta["alpha"], normalised, rtol=1e-6)
+  chex.assert_trees_all_close(convert.convert(tensors, "timm", run.hp.vit), by_hand(normalised),
+                              atol=1e-6, rtol=0)
+  capsys.readouterr()
+  assert cli.main(["export", "--workdir", workdir, "--out", str(out)]) == 2
+  assert "--support DIR" in capsys.readouterr().err
+  too_many = ",".join(["1"] * (run.hp.num_experts + 1))
+  assert cli.main(["export", "--workdir", workdir, "--alpha", too_many, "--out", str(out)]) == 2
+  assert f"{run.hp.num_experts} non-negative weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("masks", ["influence", "random", "circuit"])

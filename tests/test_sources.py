@@ -593,3 +593,92 @@ def test_sampler_rejects_class_smaller_than_shots_plus_queries(tmp_path):
     k = int(position)
     np.testing.assert_array_equal(episode.support_images[label],
                                   np.full((8, 8, 3), (40 * k, 255 - 40 * k, 7)))
+
+
+# --- class splits for meta-training on your own data ----------------------------------------------
+
+
+def _class_folder(root, groups=None, classes=10, per_class=2):
+  """root/<class>/ (or root/<group>/<class>/ for each of `groups`) of tiny PNGs."""
+  for group in groups or [None]:
+    for c in range(classes):
+      folder = root / group / f"c{c:02d}" if group else root / f"c{c:02d}"
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        Image.new("RGB", (4, 4), (c * 20, i * 40, 0)).save(folder / f"{i}.png")
+  return root
+
+
+def _names(domain, split):
+  return [c.name for c in domain.classes(split)]
+
+
+def test_seeded_class_split_by_counts_and_shares(tmp_path):
+  root = _class_folder(tmp_path / "data")
+  domain = spec_lib.load_domain(f"folder:{root}?split=6/2/2")
+  counts = [len(domain.classes(s)) for s in ("train", "val", "test")]
+  assert counts == [6, 2, 2]
+  every = sorted(n for s in ("train", "val", "test") for n in _names(domain, s))
+  assert every == [f"c{c:02d}" for c in range(10)]  # disjoint and complete
+  # The same seed draws the same split; the assignment is the seeded permutation of sorted names.
+  again = spec_lib.load_domain(f"folder:{root}?split=6/2/2&seed=0")
+  assert all(_names(again, s) == _names(domain, s) for s in ("train", "val", "test"))
+  order = np.random.default_rng(0).permutation(10)
+  assert sorted(_names(domain, "val")) == sorted(f"c{i:02d}" for i in order[6:8])
+  other = spec_lib.load_domain(f"folder:{root}?split=6/2/2&seed=1")
+  assert _names(other, "train") != _names(domain, "train")
+  # Shares: 70/15/15 of 10 classes → round(7), round(1.5) = 2, the rest 1.
+  shares = spec_lib.load_domain(f"folder:{root}?split=70/15/15")
+  assert [len(shares.classes(s)) for s in ("train", "val", "test")] == [7, 2, 1]
+  assert shares.name == f"folder:{root}?split=70/15/15"
+  assert shares.metadata["class_split"]["train"] == 7
+  # Without a split every class is a test class, as before.
+  assert len(spec_lib.load_domain(f"folder:{root}").classes("test")) == 10
+
+
+def test_split_file_and_its_errors(tmp_path):
+  root = _class_folder(tmp_path / "data", classes=4)
+  good = tmp_path / "split.json"
+  good.write_text(json.dumps({"train": ["c00", "c01"], "val": ["c02"], "test": ["c03"]}))
+  domain = spec_lib.load_domain(f"folder:{root}?split={good}")
+  assert [_names(domain, s) for s in ("train", "val", "test")] == [["c00", "c01"], ["c02"], ["c03"]]
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"train": ["c00", "c01", "zz"], "test": ["c01"]}))
+  with pytest.raises(DataError) as info:
+    spec_lib.load_domain(f"folder:{root}?split={bad}")
+  message = str(info.value)
+  assert "not in the data (1): zz" in message and "in no split (2): c02, c03" in message
+  assert "in two splits (1): c01" in message
+
+
+def test_grouped_folders_split_whole_groups(tmp_path):
+  root = _class_folder(tmp_path / "data", groups=["alpha", "beta", "gamma", "delta"], classes=3)
+  domain = spec_lib.load_domain(f"folder:{root}?groups=dirs&split=2/1/1&by=group")
+  groups = {s: {c.group for c in domain.classes(s)} for s in ("train", "val", "test")}
+  assert [len(groups[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+  assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+  assert all(c.name == f"{c.group}/{c.name.split('/')[1]}" for c in domain.classes("train"))
+  assert len(domain.classes("train")) == 6  # every class of the two training groups
+  by_class = spec_lib.load_domain(f"folder:{root}?groups=dirs&split=6/3/3")
+  assert [len(by_class.classes(s)) for s in ("train", "val", "test")] == [6, 3, 3]
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("?split=1/2", "three non-negative numbers"),
+    ("?split=0/5/5", "leaves 0 of 10 to train"),
+    ("?splitt=7/2/1", "unknown option(s) splitt"),
+    ("?seed=3", "add split=TRAIN/VAL/TEST"),
+    ("?split=7/2/1&by=group", "by=group needs a group for every class"),
+    ("?split=7/2/1&seed=x", "seed=x"),
+    ("?groups=flat&split=7/2/1", "groups=flat"),
+])
+def test_class_split_errors_name_the_option(tmp_path, options, expected):
+  root = _class_folder(tmp_path / "data")
+  with pytest.raises(DataError) as info:
+    spec_lib.load_domain(f"folder:{root}{options}")
+  assert expected in str(info.value)
+
+
+def test_class_split_options_only_for_folder_and_tfds():
+  with pytest.raises(DataError, match="for folder: and tfds: domains"):
+    spec_lib.load_domain("glyphs:id?split=7/2/1")

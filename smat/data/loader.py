@@ -61,7 +61,9 @@ class EpisodeSource:
     if len(usable) != len(self.domains):
       empty = [d.name for d in self.domains if not d.classes(self.split)]
       raise DataError(f"{', '.join(empty)}: no {self.split} classes (held-out and evaluation-"
-                      f"only domains have test classes only)")
+                      f"only domains have test classes only; to meta-train on a folder: or "
+                      f"tfds: domain, split its classes in the SPEC, e.g. "
+                      f"'folder:PATH?split=70/15/15')")
     for d in self.domains:
       self.sampler.check(d.classes(self.split), f"{d.name} [{self.split}]", d.spans(self.split))
     if self.buckets is None:

@@ -17,7 +17,8 @@ from smat.data.domain import Domain
 from smat.errors import DataError
 
 FORMS = ("glyphs:id", "glyphs:ood", "glyphs:<script>", "fashion_mnist", "folder:<path>",
-         "tfds:<name>[:<split>]", "md_h5:<dir>:<source>")
+         "tfds:<name>[:<split>]", "md_h5:<dir>:<source>",
+         "folder:<path>?split=70/15/15 (or tfds:…?split=…: a class split for meta-training)")
 
 
 def default_data_dir() -> str:
@@ -25,9 +26,18 @@ def default_data_dir() -> str:
 
 
 def load_domain(spec: str, data_dir: str | None = None, skip_corrupt: bool = False,
-                seed: int = 0) -> Domain:
-  """One SPEC (no commas) → its Domain."""
+                seed: int = 0, grouped: bool = False) -> Domain:
+  """One SPEC (no commas) → its Domain (`?options`: `smat.data.class_split`)."""
   data_dir = data_dir or default_data_dir()
+  from smat.data import class_split
+
+  base, options = class_split.parse(spec.strip())
+  if options:
+    if not base.startswith(("folder:", "tfds:")):
+      raise DataError(f"{spec}: options after '?' (a class split for meta-training) are for "
+                      f"folder: and tfds: domains; the other sources have their own splits")
+    domain = load_domain(base, data_dir, skip_corrupt, seed, grouped="groups" in options)
+    return class_split.apply(domain, options, spec.strip())
   kind, _, rest = spec.strip().partition(":")
   if kind == "glyphs" and rest:
     from smat.data.sources import glyphs
@@ -40,7 +50,7 @@ def load_domain(spec: str, data_dir: str | None = None, skip_corrupt: bool = Fal
   if kind == "folder" and rest:
     from smat.data.sources import folder
 
-    return folder.load(rest, skip_corrupt=skip_corrupt)
+    return folder.load(rest, skip_corrupt=skip_corrupt, grouped=grouped)
   if kind == "tfds" and rest:
     from smat.data.sources import tfds_source
 

@@ -77,14 +77,18 @@ def _class_dirs(base: Path) -> list[Path]:
   return kept
 
 
-def load(root: str, skip_corrupt: bool = False) -> Domain:
-  """Scan `root/<class>/*` into a domain; a corrupt image is an error unless `skip_corrupt`."""
+def load(root: str, skip_corrupt: bool = False, grouped: bool = False) -> Domain:
+  """Scan `root/<class>/*` (`grouped`: `root/<group>/<class>/*`) into a domain, every class a
+  test class (`smat.data.class_split` assigns others); a corrupt image is an error unless
+  `skip_corrupt`."""
   base = Path(root)
+  layout = "root/<group>/<class>/<images>" if grouped else "root/<class>/<images>"
   if not base.is_dir():
-    raise DataError(f"folder:{root}: directory does not exist (expected root/<class>/<images>)")
-  class_dirs = _class_dirs(base)
+    raise DataError(f"folder:{root}: directory does not exist (expected {layout})")
+  class_dirs = ([c for g in _class_dirs(base) for c in _class_dirs(g)] if grouped
+                else _class_dirs(base))
   if not class_dirs:
-    raise DataError(f"folder:{root}: no class sub-folders (expected root/<class>/<images>)")
+    raise DataError(f"folder:{root}: no class sub-folders (expected {layout})")
   paths: list[str] = []
   classes: list[ImageClass] = []
   skipped: list[str] = []
@@ -105,7 +109,9 @@ def load(root: str, skip_corrupt: bool = False) -> Domain:
                       f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
     ids = np.arange(len(paths), len(paths) + len(good), dtype=np.int64)
     paths.extend(str(p) for p in good)
-    classes.append(ImageClass(name=class_dir.name, image_ids=ids))
+    group = class_dir.parent.name if grouped else ""
+    classes.append(ImageClass(name=f"{group}/{class_dir.name}" if grouped else class_dir.name,
+                              image_ids=ids, group=group))
   if skipped:
     logging.warning("folder:%s: skipped %d corrupt image(s), e.g. %s", root, len(skipped), skipped[0])
   return Domain(name=f"folder:{root}", splits={"train": (), "val": (), "test": tuple(classes)},
