@@ -5,7 +5,8 @@
 #   bash bootstrap.sh install    install only
 # Installs Debian's fonts-noto-core and dataset-fashion-mnist (the offline benchmark's inputs)
 # with apt when run as root or with sudo, a virtual environment in .venv, and smat into it at the
-# exact versions of constraints.txt.
+# exact versions of constraints.txt, with every optional source (TFDS, h5). SMAT_CUDA=12 adds
+# JAX's CUDA 12 wheels (jax[cuda12], the `cuda12` extra) for an NVIDIA GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-reproduce}"
@@ -34,12 +35,19 @@ fi
 
 # constraints.txt pins every Python package to one working install's exact versions
 # (pyproject.toml keeps the supported ranges); either file changing reinstalls.
-stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+extras="all,test"
+case "${SMAT_CUDA:-}" in
+  "") ;;
+  12) extras="$extras,cuda12" ;;
+  *) echo "error: SMAT_CUDA=${SMAT_CUDA}: the one CUDA build is 12 (SMAT_CUDA=12)" >&2; exit 2 ;;
+esac
+stamp=.venv/.installed-$( (cat pyproject.toml constraints.txt; echo "$extras") | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "installing smat into .venv"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  # (jax[cuda12] pins its plugin to jax's exact version, so the constraints hold for it too.)
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 

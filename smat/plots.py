@@ -16,6 +16,7 @@ import functools
 import jax
 import numpy as np
 
+from smat.errors import require
 from smat.meta import experts, gates, router, tasks
 
 PARAM_TYPES = ("attn/query", "attn/key", "attn/value", "attn/proj", "fc1", "fc2", "norm1",
@@ -81,8 +82,7 @@ def expert_choice(run, groups: dict[str, list], sampler, image_size: int, episod
 
 
 def _figure(width: float, height: float):
-  import matplotlib
-
+  matplotlib = require("matplotlib", "plots", "figures")
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

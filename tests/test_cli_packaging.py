@@ -212,3 +212,26 @@ def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp
   done = smat(["meta-train", "--config", "pmf_glyphs:smoke", "--workdir", "w"], elsewhere, env)
   assert done.returncode == 2 and "backbone.path=runs/demo/pretrain/backbone" in done.stderr, (
       done.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------- optional parts
+
+
+def test_extras_cover_the_optional_sources_and_a_gpu_install():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  extras = project["optional-dependencies"]
+  assert sorted(extras["all"]) == sorted(extras["tfds"] + extras["h5"])
+  assert extras["cuda12"] == ["jax[cuda12]"]
+  core = " ".join(project["dependencies"])
+  assert "tensorflow-datasets" not in core and "h5py" not in core
+  assert 'extras="all,test"' in (ROOT / "bootstrap.sh").read_text()  # README's commands get every source
+
+
+def test_a_missing_optional_library_is_one_line_with_the_pip_command():
+  from smat.errors import require
+
+  with pytest.raises(SmatError) as info:
+    require("not_installed_anywhere_xyz", "tfds", "tfds: domains")
+  assert str(info.value) == ("tfds: domains needs not_installed_anywhere_xyz, which this install "
+                             "lacks: pip install 'smat[tfds]' (or 'smat[all]')")
+  assert require("json", "tfds", "x").dumps([1]) == "[1]"

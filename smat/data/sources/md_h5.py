@@ -24,7 +24,7 @@ import numpy as np
 from smat.data.domain import Domain, ImageClass
 from smat.data.sources import md_spec
 from smat.data.sources.tfds_source import MD_SOURCES
-from smat.errors import DataError
+from smat.errors import DataError, require
 
 _ID_STRIDE = 1 << 32  # image id = class id · stride + image index
 _SPLIT_KEYS = ("TRAIN", "VALID", "TEST")
@@ -114,6 +114,7 @@ def _hierarchy_file(directory: Path) -> dict[str, tuple[str, ...]] | None:
 
 
 def load(root: str, source: str) -> Domain:
+  require("h5py", "h5", f"md_h5:{root}:{source}")  # before the reader threads need it
   directory = Path(root) / source
   spec_path = directory / "dataset_spec.json"
   if not spec_path.exists():

@@ -33,7 +33,7 @@ from PIL import Image
 
 from smat.data.domain import Domain, ImageClass, split_classes_by_count, to_rgb
 from smat.data.sources import md_spec
-from smat.errors import DataError
+from smat.errors import DataError, require
 
 # Meta-Dataset source → (core TFDS builder or None, TFDS splits to merge, (train, val, test)).
 MD_SOURCES: dict[str, tuple[str | None, tuple[str, ...], tuple[int, int, int]]] = {
@@ -54,9 +54,8 @@ _ID_STRIDE = 1 << 40  # image id = split position · stride + record index
 
 
 def _tfds():
-  import tensorflow_datasets as tfds  # heavy import: only when a TFDS domain is used
-
-  return tfds
+  # A heavy import, only when a TFDS domain is used.
+  return require("tensorflow_datasets", "tfds", "tfds: domains")
 
 
 def _versions(name: str, data_dir: str | None) -> tuple[Path, list[Path]]:
