@@ -254,9 +254,6 @@ def _cmd_evaluate(args) -> None:
   from smat.data.spec import load_domains
 
   outputs.check_output(args.out, "--out", (".json",))
-  specs = [s.strip() for s in args.domains.split(",") if s.strip()]
-  if not specs:
-    raise SmatError(f"--domains {args.domains!r}: no data SPEC given; e.g. --domains glyphs:ood")
   sampler = _sampler_from_args(args)
   ft = _finetune_from_args(args)
   if args.method == "pre":
@@ -276,6 +273,15 @@ def _cmd_evaluate(args) -> None:
     method = model.hp.method
     image_size = args.image_size or run_config.data.image_size
     ratio = run_config.data.get("test_resize_ratio")
+  domains = args.domains
+  if domains is None:
+    domains = run_config.data.get("test", "") if run_config else ""
+    if not domains:
+      raise SmatError("give --domains SPEC[,SPEC...] (only a run whose config names its "
+                      "benchmark's test sources, data.test, has a default)")
+  specs = [s.strip() for s in domains.split(",") if s.strip()]
+  if not specs:
+    raise SmatError(f"--domains {domains!r}: no data SPEC given; e.g. --domains glyphs:ood")
   ratio = split_resize_ratio(
       "test", ratio if args.test_resize_ratio is None else args.test_resize_ratio)
   if args.id_domains is not None:
@@ -472,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="run (default): the workdir's method; pre: a frozen backbone")
   ev.add_argument("--backbone", help="with --method pre: backbone dir or .safetensors")
   _backbone_args(ev, required=False)
-  ev.add_argument("--domains", required=True, metavar="SPEC[,SPEC...]",
-                  help="evaluated on their test classes")
+  ev.add_argument("--domains", default=None, metavar="SPEC[,SPEC...]",
+                  help="evaluated on their test classes (default: the run's benchmark, its "
+                       "config's data.test: Meta-Dataset's 10 test sources, or glyphs:id, "
+                       "glyphs:ood, fashion_mnist)")
   ev.add_argument("--id-domains", default=None, metavar="SPEC[,SPEC...]",
                   help="which of them count as in-distribution (default: those the run "
                        "meta-trained on)")

@@ -104,6 +104,8 @@ def from_json(path: str) -> ml_collections.ConfigDict:
   if "method" in saved and "experts" in saved:
     from smat.meta import defaults
 
+    if "test" not in saved.get("data", {}):  # saved before data.test: no default test set
+      saved = {**saved, "data": {**saved.get("data", {}), "test": ""}}
     saved = _merged(defaults.base(saved["method"]).to_dict(), saved)
   config = ml_collections.ConfigDict(saved)
   _add_missing(config)

@@ -32,7 +32,8 @@ TRAIN_DEFAULTS = {"max_loss": 1e4, "max_delta": 1e3}
 # speed and bookkeeping. Anything else makes a different run.
 SAFE_TO_CHANGE = ("train.epochs", "train.log_every", "train.keep_checkpoints",
                   "train.tasks_at_once", "train.max_loss", "train.max_delta", "data_dir",
-                  "data.loader_threads", "data.prefetch", "backbone.remat", "val.batch_size")
+                  "data.loader_threads", "data.prefetch", "backbone.remat", "val.batch_size",
+                  "data.test")
 
 CONFIG = "config.json"
 CHANGES = "config_changes.jsonl"

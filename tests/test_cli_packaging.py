@@ -235,3 +235,25 @@ def test_a_missing_optional_library_is_one_line_with_the_pip_command():
   assert str(info.value) == ("tfds: domains needs not_installed_anywhere_xyz, which this install "
                              "lacks: pip install 'smat[tfds]' (or 'smat[all]')")
   assert require("json", "tfds", "x").dumps([1]) == "[1]"
+
+
+def test_the_h5_variant_reads_meta_dataset_from_pmfs_files(monkeypatch):
+  monkeypatch.setenv("SMAT_MD_H5_DIR", "/data/pmf_h5")
+  config = config_lib.load("smat_vits16_md:h5")
+  train = config.data.train.split(",")
+  assert len(train) == 8 and all(s.startswith("md_h5:/data/pmf_h5:") for s in train)
+  assert train[0] == "md_h5:/data/pmf_h5:ilsvrc_2012"
+  test = config.data.test.split(",")
+  assert len(test) == 10 and test[-2:] == ["md_h5:/data/pmf_h5:traffic_sign",
+                                           "md_h5:/data/pmf_h5:mscoco"]
+  assert config_lib.load("smat_vits16_md").data.test.startswith("tfds:meta_dataset/ilsvrc_2012")
+  assert config_lib.load("smat_glyphs").data.test == "glyphs:id,glyphs:ood,fashion_mnist"
+
+
+def test_a_run_saved_before_data_test_existed_has_no_default_test_set(tmp_path):
+  import json
+
+  saved = config_lib.load("pmf_glyphs:smoke").to_dict()
+  del saved["data"]["test"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert config_lib.from_json(str(tmp_path / "config.json")).data.test == ""

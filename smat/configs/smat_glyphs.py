@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.backbone.path = "runs/demo/pretrain/backbone"  # `smat reproduce`'s (smat.pipeline)
   c.data.train = "glyphs:id"
   c.data.val = "glyphs:id"
+  c.data.test = "glyphs:id,glyphs:ood,fashion_mnist"
   c.data.image_size = 32
   c.data.sampler = "fixed"
   c.data.ways, c.data.shots, c.data.queries = 5, 5, 5

@@ -13,6 +13,9 @@ from smat.meta import gates
 
 MD_TRAIN = ",".join(f"tfds:meta_dataset/{s}" for s in (
     "ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower"))
+# Meta-Dataset's test sources: the 8 training sources' test classes and the 2 held-out sources.
+MD_TEST = MD_TRAIN + ",tfds:meta_dataset/traffic_sign,tfds:meta_dataset/mscoco"
+MD_H5_ENV = "SMAT_MD_H5_DIR"  # where P>M>F's converted .h5 files are, for the `h5` variant
 
 
 def base(method: str = "smat") -> ml_collections.ConfigDict:
@@ -31,6 +34,7 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train = MD_TRAIN  # meta-training domains (train classes)
   c.data.val = MD_TRAIN  # validation episodes (val classes)
+  c.data.test = MD_TEST  # what `smat evaluate` tests when --domains is not given
   c.data.image_size = 128
   # Validation and test images: resized to round(ratio · image_size), centre-cropped to
   # image_size (146 → 128, P>M>F's and SMAT's test transform); 1.0: the whole image, no crop.
@@ -136,18 +140,32 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   return c
 
 
-VARIANTS = ("smoke", "fullnoise")
+VARIANTS = ("smoke", "fullnoise", "h5")
+
+
+def h5_specs(specs: str, directory: str) -> str:
+  """tfds:meta_dataset/<source> SPECs → md_h5:<directory>:<source> (P>M>F's files)."""
+  return ",".join(f"md_h5:{directory}:{s.removeprefix('tfds:meta_dataset/')}"
+                  if s.startswith("tfds:meta_dataset/") else s for s in specs.split(","))
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """`arg` = comma-separated variants: `smoke` (seconds, for tests/CI), `fullnoise` (training
-  gates with u ~ U(0, 1), Louizos et al., instead of the authors' 0.5 ± 1e-6)."""
+  gates with u ~ U(0, 1), Louizos et al., instead of the authors' 0.5 ± 1e-6), `h5` (the
+  Meta-Dataset sources read from P>M>F's .h5 files under $SMAT_MD_H5_DIR, default data/md_h5,
+  instead of the TFDS builders)."""
   variants = [v for v in (arg or "").split(",") if v]
   unknown = set(variants) - set(VARIANTS)
   if unknown:
     raise ValueError(f"unknown config variant(s) {sorted(unknown)}; use {' and/or '.join(VARIANTS)}")
   if "fullnoise" in variants:
     c.experts.gate_noise = gates.FULL_NOISE
+  if "h5" in variants:
+    import os
+
+    directory = os.environ.get(MD_H5_ENV, "data/md_h5")
+    for field in ("train", "val", "test"):
+      c.data[field] = h5_specs(c.data[field], directory)
   if "smoke" in variants:
     c.data.sampler = "fixed"
     c.data.ways, c.data.shots, c.data.queries = 3, 1, 2
