@@ -99,9 +99,7 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default="smat_glyphs")
   parser.add_argument("--phases", default=",".join(PHASES))
   parser.add_argument("--out", required=True)
-  parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE")
-  args, extra = parser.parse_known_args(argv)
-  overrides = args.overrides + extra
+  args, overrides = report.parse_args(parser, argv)
   started = time.time()
   load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory(prefix="smat-compile-cache-") as cache_dir:

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 
+from benchmarks import report
 from smat import config as config_lib
 from smat.data import loader
 
@@ -23,7 +24,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--batches", type=int, default=50)
   parser.add_argument("--threads", default="1,2,4")
   parser.add_argument("--out", default=None)
-  args, overrides = parser.parse_known_args(argv)
+  args, overrides = report.parse_args(parser, argv)
   config = config_lib.load(args.config, overrides)
   source = loader.episode_source(config, args.split)
   result = {

@@ -57,7 +57,6 @@ def markdown(points: list[dict], argv: list[str]) -> str:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  overrides = [a for a in argv if a.startswith("--config.")]
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--out", required=True)
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
                       help="train.tasks_at_once values (0: the whole meta-batch at once)")
   parser.add_argument("--episodes", default="10x20x100,50x500x500",
                       help="episode shapes WAYSxSUPPORTxQUERY, comma-separated")
-  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  args, overrides = report.parse_args(parser, argv)
   for episode in args.episodes.split(","):
     if len(episode.split("x")) != 3 or not all(v.isdigit() for v in episode.split("x")):
       parser.error(f"--episodes: {episode!r} is not WAYSxSUPPORTxQUERY, e.g. 10x20x100")

@@ -19,6 +19,15 @@ def peak_flops(device) -> float | None:
   return next((v for k, v in PEAK_BF16.items() if k in kind), None)
 
 
+def parse_args(parser, argv: list[str] | None = None):
+  """(args, overrides): `--config.FIELD=VALUE` and `--config.FIELD VALUE` are taken out first,
+  as every smat command takes them; any other unknown flag is an error."""
+  from smat.cli import split_overrides
+
+  rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+  return parser.parse_args(rest), overrides
+
+
 def provenance(module: str, argv: list[str] | None, *details: str) -> str:
   """An HTML comment naming the command (`python -m benchmarks.<module> argv`), the machine, the
   date and then `details` (wall time, protocol), so a table is never apart from how it was made."""

@@ -56,7 +56,6 @@ def measure_point(args, overrides: list[str], axis: str, value) -> dict:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  overrides = [a for a in argv if a.startswith("--config.")]
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--out", required=True)
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
   parser.add_argument("--arch", default=None,
                       help="random weights of this preset for every axis but arch")
   parser.add_argument("--repeats", type=int, default=3)
-  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  args, overrides = report.parse_args(parser, argv)
   values = {"experts": [int(v) for v in args.experts.split(",")],
             "ways": [int(v) for v in args.ways.split(",")],
             "shots": [int(v) for v in args.shots.split(",")],

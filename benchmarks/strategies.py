@@ -64,9 +64,7 @@ def main(argv=None) -> int:
   sweep.add_evaluation_args(parser)
   parser.add_argument("--workdir", default="runs/strategies")
   parser.add_argument("--out", required=True)
-  parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every run")
-  args, extra = parser.parse_known_args(argv)
-  overrides = args.overrides + extra
+  args, overrides = report.parse_args(parser, argv)
 
   start = time.time()
   id_specs, ood_specs, groups, sampler = sweep.evaluation_setup(args)

@@ -74,9 +74,7 @@ def main(argv=None) -> int:
                       "what meta-test uses) or `checkpoints` (the final one)")
   parser.add_argument("--workdir", default="runs/sweep")
   parser.add_argument("--out", required=True)
-  parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every run")
-  args, extra = parser.parse_known_args(argv)
-  overrides = args.overrides + extra
+  args, overrides = report.parse_args(parser, argv)
 
   start = time.time()
   if args.points:

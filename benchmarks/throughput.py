@@ -303,7 +303,6 @@ def compile_count(config, episodes: int) -> dict:
 
 def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  overrides = [a for a in argv if a.startswith("--config.")]
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--out", required=True)
@@ -322,7 +321,7 @@ def main(argv=None) -> None:
                            "configurations past this machine's memory)")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time each part of an expert method's step alone")
-  args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+  args, overrides = report.parse_args(parser, argv)
   config = config_lib.load(args.config, overrides)
   d = config.data
   ways = args.ways or d.ways

@@ -187,9 +187,9 @@ def test_choices_spelt_out_in_the_cli_match_the_library():
 # ----------------------------------------------------------------------------- the wheel
 
 
-def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp_path):
-  # Built from a copy: setuptools builds in the source tree, and a stale build/ there would
-  # leak removed files into the wheel (and runs/ may hold gigabytes).
+def build_wheel(tmp_path) -> Path:
+  """The project's wheel, built from a copy: setuptools builds in the source tree, and a stale
+  build/ there would leak removed files into the wheel (and runs/ may hold gigabytes)."""
   source = tmp_path / "src"
   shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
       ".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
@@ -198,6 +198,11 @@ def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp
                          timeout=300)
   assert build.returncode == 0, build.stderr[-2000:]
   (wheel,) = (tmp_path / "dist").glob("smat-*.whl")
+  return wheel
+
+
+def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp_path):
+  wheel = build_wheel(tmp_path)
   names = zipfile.ZipFile(wheel).namelist()
   for name in ("smat_glyphs", "pmf_glyphs", "pretrain_glyphs", "glyphs_small", "smat_vits16_md"):
     assert f"smat/configs/{name}.py" in names, name
@@ -212,6 +217,47 @@ def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp
   done = smat(["meta-train", "--config", "pmf_glyphs:smoke", "--workdir", "w"], elsewhere, env)
   assert done.returncode == 2 and "backbone.path=runs/demo/pretrain/backbone" in done.stderr, (
       done.stderr[-2000:])
+
+
+def test_the_wheel_installed_in_a_fresh_venv_meta_trains_from_another_directory(
+    tmp_path, glyphs_data_dir):
+  """pip install of the wheel into a new virtual environment (its dependencies borrowed from
+  this one's site-packages, smat itself not), then the installed `smat` script meta-trains a
+  packaged smoke config in a directory that is not the repository."""
+  import sysconfig
+
+  import jax
+
+  from smat.models import checkpoint, vit
+
+  wheel = build_wheel(tmp_path)
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  purelib = Path(subprocess.run(
+      [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+      capture_output=True, text=True, check=True).stdout.strip())
+  # A plain path, not a site dir: the editable smat's .pth files there are not processed.
+  (purelib / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                            "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                           capture_output=True, text=True, timeout=300)
+  assert install.returncode == 0, install.stderr[-2000:]
+  data_dir, _, _ = glyphs_data_dir
+  config = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
+  checkpoint.save(str(tmp_path / "backbone"), vit.init(config, jax.random.key(0)), config)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  where = subprocess.run([str(venv / "bin" / "python"), "-c", "import smat; print(smat.__file__)"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.startswith(str(purelib)), where.stdout  # the installed copy, not the tree
+  done = subprocess.run(
+      [str(venv / "bin" / "smat"), "meta-train", "--config", "pmf_glyphs:smoke", "--workdir", "w",
+       f"--config.data_dir={data_dir}", f"--config.backbone.path={tmp_path / 'backbone'}",
+       "--config.data.image_size=16"], cwd=elsewhere, env=env, capture_output=True, text=True,
+      timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (elsewhere / "w" / "best").is_dir() and (elsewhere / "w" / "validation.json").is_file()
 
 
 # ----------------------------------------------------------------------------- optional parts
@@ -257,3 +303,17 @@ def test_a_run_saved_before_data_test_existed_has_no_default_test_set(tmp_path):
   del saved["data"]["test"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   assert config_lib.from_json(str(tmp_path / "config.json")).data.test == ""
+
+
+def test_benchmarks_take_overrides_in_both_forms_and_refuse_unknown_flags():
+  import argparse
+
+  from benchmarks import report
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="smat_glyphs")
+  args, overrides = report.parse_args(parser, ["--config.train.epochs", "3", "--config", "x",
+                                               "--config.seed=2"])
+  assert args.config == "x" and overrides == ["--config.train.epochs=3", "--config.seed=2"]
+  with pytest.raises(SystemExit):
+    report.parse_args(parser, ["--nope", "1"])
