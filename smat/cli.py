@@ -233,7 +233,7 @@ def _cmd_plot(args) -> None:
   from smat import metatrain, plots
   from smat.data.spec import load_domains
 
-  run = metatrain.load_run(args.workdir)
+  run = metatrain.load_run(args.workdir, args.checkpoint)
   if run.hp.method == "pmf":
     raise SmatError(f"{args.workdir} is a PMF run: it has no experts or router to plot")
   config = config_lib.from_json(os.path.join(args.workdir, "config.json"))
@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "per domain of the SPECs).")
   plot.add_argument("--workdir", required=True, help="a SMAT or SoftMerge meta-train workdir")
   plot.add_argument("--out", required=True, help="directory for the figures")
+  plot.add_argument("--checkpoint", choices=("best", "checkpoints"), default="best",
+                    help="the run's checkpoint: best (what meta-test uses) or the final one")
   plot.add_argument("--domains", default=None, metavar="SPEC[,SPEC...]",
                     help="domains of the expert-choice map (default: the run's data.train)")
   plot.add_argument("--episodes", type=int, default=100, help="test episodes per domain")

@@ -493,7 +493,8 @@ def test_compiles_once_per_bucket_not_per_episode(shared, base):
 
 
 def test_cli_meta_train(base, tmp_path, capsys):
-  code = cli.main(["meta-train", "--config", PMF, "--workdir", str(tmp_path / "pmf"), *base])
+  code = cli.main(["meta-train", "--config", PMF, "--workdir", str(tmp_path / "pmf"), *base,
+                   "--config.data.test=glyphs:ood"])
   out = capsys.readouterr().out
   assert code == 0
   history = json.loads((tmp_path / "pmf" / "validation.json").read_text())
@@ -507,6 +508,13 @@ def test_cli_meta_train(base, tmp_path, capsys):
   (kept,) = _steps(tmp_path / "pmf" / "best")
   assert next(h["accuracy"] for h in history if h["step"] == kept) == best["accuracy"]
 
+  # Without --domains, evaluate tests the run's benchmark (its config's data.test).
+  data_dir = next(o.split("=", 1)[1] for o in base if o.startswith("--config.data_dir="))
+  result = tmp_path / "r.json"
+  assert cli.main(["evaluate", "--workdir", str(tmp_path / "pmf"), "--episodes", "2", "--ways",
+                   "3", "--shots", "1", "--queries", "1", "--data-dir", data_dir,
+                   "--out", str(result)]) == 0
+  assert list(json.loads(result.read_text())["domains"]) == ["glyphs:ood"]
   # Exported, PMF's backbone is θ_pre + δ of the best checkpoint, in timm's layout.
   exported = tmp_path / "pmf.safetensors"
   assert cli.main(["export", "--workdir", str(tmp_path / "pmf"), "--out", str(exported)]) == 0
