@@ -34,7 +34,9 @@ BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safe
       DINOv2 in timm's layout).
 
 SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
-      tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed)
+      tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed);
+      folder: and tfds: take a class split for meta-training: 'folder:<path>?split=70/15/15'
+      (&seed=N, split=FILE.json, groups=dirs, by=group; README, "Meta-training on your own data")
 
 Environment: SMAT_DATA_DIR (built datasets, default ~/.cache/smat), SMAT_THREADS=N (pin XLA's
       CPU threads, for bit-identical results across machines), SMAT_COMPILE_CACHE=DIR|off
