@@ -280,7 +280,9 @@ def check_finite_params(params, where: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     value = np.asarray(leaf)
     if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      from smat.models.checkpoint import path_name
+
+      name = path_name(path)
       raise SmatError(f"{where}: checkpoint holds non-finite values in {name}; the run diverged "
                       f"before it was saved — evaluate an earlier checkpoint")
 

@@ -19,13 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from smat.meta import gates as hc
+from smat.models.checkpoint import path_name  # 'blocks/attn/query/kernel' of a tree path
 
 EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed")
-
-
-def path_name(path) -> str:
-  """'blocks/attn/query/kernel' for a tree path."""
-  return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
 def is_embedding(name: str) -> bool:

@@ -38,11 +38,17 @@ def check_writable(directory: str, force: bool = False) -> None:
     raise SmatError(f"--out {directory}: {parent} is not writable; pick another path")
 
 
+def path_name(path) -> str:
+  """'blocks/attn/query/kernel' for a pytree key path (jax.tree_util.keystr's `simple` and
+  `separator` arguments are newer than the JAX versions supported)."""
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
 def check_weights(params: dict, where: str) -> None:
   """Every weight floating-point and finite: a NaN or Inf weight would give NaN features and
   chance accuracy that read like a result."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    name = path_name(path)
     value = np.asarray(leaf)
     if not convert._floating(value):
       raise SmatError(f"{where}: weight {name} has dtype {value.dtype}, expected floating point; "
