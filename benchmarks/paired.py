@@ -1,10 +1,12 @@
-"""Paired differences between two main-job results (`smat reproduce`'s results.json) on the same
-episodes: for each method, domain and shot count, mean ± 95% CI of (new − old) per episode.
+"""Paired differences on the same episodes of main-job results (`smat reproduce`'s
+results.json): for each domain and shot count, mean ± 95% CI of a per-episode difference.
 
-  python -m benchmarks.paired OLD/results.json NEW/results.json --out F
+  python -m benchmarks.paired OLD/results.json NEW/results.json --out F     # new − old, per method
+  python -m benchmarks.paired R/results.json --between SMAT-Pre,SMAT-PMF --out F   # within one
 
-The two files must hold the same episodes (same seed, ways, shots, queries and count), e.g. the
-main job before and after a change of the method. Writes F.md and F.json.
+Two files must hold the same episodes (same seed, ways, shots, queries and count), e.g. the
+main job before and after a change of the method; one file compares its own methods, which
+every main job evaluates on identical episodes. Writes F.md and F.json.
 """
 
 from __future__ import annotations
@@ -41,27 +43,51 @@ def differences(old: dict, new: dict) -> dict:
   return out
 
 
+def between(results: dict, pairs: list[tuple[str, str]]) -> dict:
+  """{"A − B": {domain: {cell: (mean, ci)}}} of method pairs within one result."""
+  methods = results["methods"]
+  for name in {m for pair in pairs for m in pair} - set(methods):
+    raise SystemExit(f"error: no method {name!r} in the results (they hold "
+                     f"{', '.join(methods)})")
+  return {f"{a} − {b}": {domain: {cell: paired(methods[b][domain][cell]["per_episode"],
+                                               r["per_episode"])
+                                  for cell, r in cells.items()}
+                         for domain, cells in methods[a].items()}
+          for a, b in pairs}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("old")
-  parser.add_argument("new")
+  parser.add_argument("files", nargs="+", metavar="RESULTS.json", help="OLD NEW, or one file")
+  parser.add_argument("--between", default=None, metavar="A-B,...",
+                      help="with one file: method pairs to difference, e.g. SMAT-Pre,SMAT-PMF")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  with open(args.old) as f, open(args.new) as g:
-    old, new = json.load(f), json.load(g)
-  diff = differences(old, new)
-  methods = list(diff)
-  cells = [(d, c) for d, cs in diff[methods[0]].items() for c in cs]
-  lines = [report.provenance("paired", argv, f"new − old per episode, {new['episodes']} "
+  if len(args.files) == 2 and not args.between:
+    with open(args.files[0]) as f, open(args.files[1]) as g:
+      old, new = json.load(f), json.load(g)
+    diff = {f"{m} new − old": d for m, d in differences(old, new).items()}
+    what = "new − old per episode"
+  elif len(args.files) == 1 and args.between:
+    with open(args.files[0]) as f:
+      new = json.load(f)
+    pairs = [tuple(p.split("-", 1)) for p in args.between.split(",")]
+    diff = between(new, pairs)
+    what = "per-episode differences between methods"
+  else:
+    parser.error("give OLD NEW, or one file with --between A-B,...")
+  columns = list(diff)
+  cells = [(d, c) for d, cs in diff[columns[0]].items() for c in cs]
+  lines = [report.provenance("paired", argv, f"{what}, {new['episodes']} "
                              "episodes per cell, mean ± 95% CI"), "",
-           "| domain | episodes | " + " | ".join(f"{m} new − old" for m in methods) + " |",
-           "|---|---|" + "---|" * len(methods)]
+           "| domain | episodes | " + " | ".join(columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
   for domain, cell in cells:
-    values = [diff[m][domain][cell] for m in methods]
+    values = [diff[m][domain][cell] for m in columns]
     lines.append(f"| {domain} | {cell} | " + " | ".join(f"{m:+.2f} ± {c:.2f}" for m, c in values)
                  + " |")
   with open(args.out + ".json", "w") as f:
-    json.dump({"old": args.old, "new": args.new, "differences": diff}, f, indent=1)
+    json.dump({"files": args.files, "differences": diff}, f, indent=1)
   with open(args.out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -24,3 +24,19 @@ def test_paired_difference_is_the_mean_and_ci_of_the_episode_differences():
 def test_results_of_other_episodes_are_refused():
   with pytest.raises(SystemExit, match="seed"):
     paired.differences(_results([1.0, 2.0]), _results([1.0, 2.0], seed=1))
+
+
+def test_between_methods_of_one_result_on_its_identical_episodes(tmp_path):
+  result = _results([50.0, 60.0, 70.0, 80.0])
+  result["methods"]["Pre"] = {"glyphs:id": {"5w1s": {"per_episode": [40.0, 60.0, 75.0, 70.0]}}}
+  mean, ci = paired.between(result, [("SMAT", "Pre")])["SMAT − Pre"]["glyphs:id"]["5w1s"]
+  d = np.array([10.0, 0.0, -5.0, 10.0])
+  assert mean == pytest.approx(d.mean()) and ci == pytest.approx(1.96 * d.std() / 2.0)
+  with pytest.raises(SystemExit, match="no method 'PMF'"):
+    paired.between(result, [("SMAT", "PMF")])
+  import json
+
+  (tmp_path / "r.json").write_text(json.dumps(result))
+  assert paired.main([str(tmp_path / "r.json"), "--between", "SMAT-Pre",
+                      "--out", str(tmp_path / "d")]) == 0
+  assert "| glyphs:id | 5w1s | +3.75 ± " in (tmp_path / "d.md").read_text()
