@@ -30,7 +30,7 @@ def measure_in_this_process(config_spec: str, overrides: list[str]) -> dict:
   import jax
   from jax import monitoring
 
-  from benchmarks.throughput import synthetic_episodes
+  from benchmarks.throughput import abstract_setup, synthetic_episodes
   from smat import compile_cache, metatrain
   from smat import config as config_lib
   from smat.meta import step as meta_step
@@ -42,14 +42,7 @@ def measure_in_this_process(config_spec: str, overrides: list[str]) -> dict:
   cache = compile_cache.enable()
   config = config_lib.load(config_spec, overrides)
   theta_pre, vit_config = checkpoint.load_from_config(config.backbone)  # as a run compiles it
-  parts = {}
-
-  def initial_state(theta):
-    _, parts["hp"], parts["optimizer"], state = metatrain.setup(config, (theta, vit_config))
-    return state
-
-  state = jax.eval_shape(initial_state, theta_pre)
-  hp, optimizer = parts["hp"], parts["optimizer"]
+  state, hp, optimizer = abstract_setup(config, theta_pre, vit_config)
   d = config.data
   train = synthetic_episodes(d.meta_batch_size, d.ways, d.ways * d.shots, d.ways * d.queries,
                              d.image_size)
@@ -110,14 +103,9 @@ def main(argv=None) -> int:
 
   record = {"config": args.config, "overrides": overrides, "rows": rows,
             "load_average_1min_at_start": load, "versions": evaluate.software_versions()}
-  with open(args.out + ".json", "w") as f:
-    json.dump(record, f, indent=1)
-  text = "\n".join([report.provenance(
+  report.write_results(args.out, record, [report.provenance(
       "compile_time", argv, f"wall time {time.time() - started:.0f} s, 1-minute load average at "
       f"the start {load:.2f} (an idle machine reads below 0.3)"), "", markdown(rows)])
-  with open(args.out + ".md", "w") as f:
-    f.write(text + "\n")
-  print(text)
   return 0
 
 

@@ -129,11 +129,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from smat.models import vit
 
-  busy = load_average()
-  if busy > args.max_load and not args.allow_busy:
-    print(f"error: the 1-minute load average is {busy:.2f} (> --max-load {args.max_load}): "
-          f"timings on a busy machine rank the frameworks wrongly; wait for an idle machine or "
-          f"pass --allow-busy", file=sys.stderr)
+  busy = report.busy_machine(args.max_load, args.allow_busy)
+  if busy is None:
     return 2
   c = vit.get_config(args.arch, image_size=args.image_size)
   threads = len(os.sched_getaffinity(0))
@@ -160,8 +157,6 @@ def main(argv=None) -> int:
   from smat import evaluate
 
   result["versions"] = evaluate.software_versions()
-  with open(args.out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
   s = result["summary"]
   lines = [report.provenance("cpu_side_by_side", argv, f"wall time {time.time() - started:.0f} s, "
                              f"{args.rounds} interleaved rounds of {args.repeats} steps, "
@@ -176,9 +171,7 @@ def main(argv=None) -> int:
            f"smat ÷ timm: {s['ratio_median']:.2f} (median over rounds; range "
            f"{s['ratio_min']:.2f}–{s['ratio_max']:.2f}); {args.arch}, {args.image_size} px, "
            f"batch {args.batch}, {threads} threads each."]
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(args.out, result, lines)
   return 0
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-import numpy as np
 
 from benchmarks import report
 from smat import metatrain
@@ -50,16 +49,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
   runs = [describe(w) for w in args.workdirs]
-  with open(args.out + ".json", "w") as f:
-    json.dump({"runs": runs}, f, indent=1)
   lines = [report.provenance("deployed_sparsity", argv,
                              "per expert; |deployed − τ| is the largest over experts"), "",
            "| τ | gate noise w | checkpoint | deployed | max \\|deployed − τ\\| | sampled | "
            "expected (1 − E[L0]) |", "|---|---|---|---|---|---|---|"]
   lines += [_row(d, which) for d in runs for which in ("checkpoints", "best")]
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(args.out, {"runs": runs}, lines)
   return 0
 
 

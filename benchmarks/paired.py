@@ -86,11 +86,7 @@ def main(argv=None) -> int:
     values = [diff[m][domain][cell] for m in columns]
     lines.append(f"| {domain} | {cell} | " + " | ".join(f"{m:+.2f} ± {c:.2f}" for m, c in values)
                  + " |")
-  with open(args.out + ".json", "w") as f:
-    json.dump({"files": args.files, "differences": diff}, f, indent=1)
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(args.out, {"files": args.files, "differences": diff}, lines)
   return 0
 
 

@@ -28,6 +28,30 @@ def parse_args(parser, argv: list[str] | None = None):
   return parser.parse_args(rest), overrides
 
 
+def write_results(out: str, record: dict, lines: list[str]) -> None:
+  """OUT.json (the record) and OUT.md (the lines), and the table printed."""
+  import json
+
+  with open(out + ".json", "w") as f:
+    json.dump(record, f, indent=1)
+  text = "\n".join(lines)
+  with open(out + ".md", "w") as f:
+    f.write(text + "\n")
+  print(text)
+
+
+def busy_machine(max_load: float, allow_busy: bool) -> float | None:
+  """The 1-minute load average, or None after printing the error for a machine too busy to
+  time (a loaded machine reorders what is compared) unless `allow_busy`."""
+  load = os.getloadavg()[0]
+  if load > max_load and not allow_busy:
+    print(f"error: the 1-minute load average is {load:.2f} (> --max-load {max_load}): timings "
+          f"on a busy machine rank the settings wrongly; wait for an idle machine or pass "
+          f"--allow-busy", file=sys.stderr)
+    return None
+  return load
+
+
 def provenance(module: str, argv: list[str] | None, *details: str) -> str:
   """An HTML comment naming the command (`python -m benchmarks.<module> argv`), the machine, the
   date and then `details` (wall time, protocol), so a table is never apart from how it was made."""

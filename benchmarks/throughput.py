@@ -92,6 +92,19 @@ def _peak_memory() -> float | None:
   return None if peak is None else peak / 2 ** 30
 
 
+def abstract_setup(config, theta_pre, vit_config):
+  """(state shapes, Hyper, optimizer) of `metatrain.setup` without allocating the M × |θ|
+  state: what compiling a step needs."""
+  parts = {}
+
+  def initial_state(theta):
+    _, parts["hp"], parts["optimizer"], state = metatrain.setup(config, (theta, vit_config))
+    return state
+
+  state = jax.eval_shape(initial_state, theta_pre)
+  return state, parts["hp"], parts["optimizer"]
+
+
 def _compile(config, ways: int, support: int, query: int, random_backbone: str | None,
              abstract: bool = False):
   """The compiled step and plain forward+backward on one synthetic meta-batch, their inputs and
@@ -99,14 +112,7 @@ def _compile(config, ways: int, support: int, query: int, random_backbone: str |
   paper-scale step compiles on a machine that could not hold it."""
   theta_pre, vit_config = _backbone(config, random_backbone)
   if abstract:
-    parts = {}
-
-    def initial_state(theta):
-      _, parts["hp"], parts["optimizer"], state = metatrain.setup(config, (theta, vit_config))
-      return state
-
-    state = jax.eval_shape(initial_state, theta_pre)
-    hp, optimizer = parts["hp"], parts["optimizer"]
+    state, hp, optimizer = abstract_setup(config, theta_pre, vit_config)
   else:
     theta_pre, hp, optimizer, state = metatrain.setup(config, (theta_pre, vit_config))
   episodes = jax.device_put(synthetic_episodes(config.data.meta_batch_size, ways, support, query,

@@ -109,10 +109,8 @@ def main(argv=None) -> int:
   parser.add_argument("--allow-busy", action="store_true")
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  load = os.getloadavg()[0]
-  if load > args.max_load and not args.allow_busy:
-    print(f"error: the 1-minute load average is {load:.2f} (> --max-load {args.max_load}); wait "
-          f"for an idle machine or pass --allow-busy", file=sys.stderr)
+  load = report.busy_machine(args.max_load, args.allow_busy)
+  if load is None:
     return 2
   started = time.time()
   with tempfile.TemporaryDirectory(prefix="smat-flags-") as directory:
@@ -130,8 +128,6 @@ def main(argv=None) -> int:
 
   record = {"args": vars(args), "rows": rows, "load_at_start": load,
             "versions": evaluate.software_versions()}
-  with open(args.out + ".json", "w") as f:
-    json.dump(record, f, indent=1)
   lines = [report.provenance("xla_cpu_flags", argv, f"wall time {time.time() - started:.0f} s, "
                              f"load average {load:.2f} at the start"
                              + (" (BUSY MACHINE: timings not valid)"
@@ -146,9 +142,7 @@ def main(argv=None) -> int:
              if "grad_max_abs_diff" in r else "—")
     lines.append(f"| `{r['name']}` | {r['images_per_s']:.1f} | {r.get('speedup', 1.0):.2f} | "
                  f"{r['compile_s']:.1f} | {r['cpu_per_wall']:.2f} | {delta} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(args.out, record, lines)
   return 0
 
 
