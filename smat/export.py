@@ -29,39 +29,24 @@ from smat.models import vit
 
 
 def support_episode(folder: str, image_size: int, resize_ratio: float) -> Episode:
-  """Every image under each class sub-folder of `folder` as the support set of one task (the
-  query set is one masked-out placeholder: routing reads the support only)."""
-  from pathlib import Path
-
+  """Every image of each class of the `folder:` domain FOLDER as the support set of one task,
+  resized as evaluation images are (the query set is one masked-out placeholder: routing reads
+  the support only)."""
   from smat.data import episodes as ep
-  from smat.data.domain import to_rgb
-  from smat.data.sources.folder import UNREADABLE, image_files
-  from PIL import Image
+  from smat.data.sources import folder as folder_source
 
-  base = Path(folder)
-  if not base.is_dir():
-    raise DataError(f"--support {folder}: not a directory")
-  classes = [d for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-  files = [image_files(d) for d in classes]
-  if len(classes) < 2 or not all(files):
-    empty = [d.name for d, f in zip(classes, files) if not f]
-    raise DataError(f"--support {folder}: needs at least 2 class sub-folders, each with images"
-                    + (f" (no images in {', '.join(empty)})" if empty else
-                       f" (found {len(classes)})"))
-  images, labels = [], []
-  for label, paths in enumerate(files):
-    for path in paths:
-      try:
-        with Image.open(path) as image:
-          pixels = to_rgb(image)
-      except UNREADABLE as e:
-        raise DataError(f"{path}: unreadable image ({e}); remove or replace it") from None
-      images.append(ep.resize(pixels, image_size, resize_ratio))
-      labels.append(label)
-  count = len(labels)
-  return Episode(np.stack(images), np.asarray(labels, np.int32), np.ones(count, bool),
-                 np.zeros((1, image_size, image_size, 3), np.uint8), np.zeros(1, np.int32),
-                 np.zeros(1, bool), np.ones(len(classes), bool), np.zeros((), np.int32))
+  domain = folder_source.load(folder)
+  classes = domain.classes("test")
+  if len(classes) < 2:
+    raise DataError(f"--support {folder}: needs at least 2 class sub-folders (found "
+                    f"{len(classes)})")
+  ids = [(label, int(i)) for label, c in enumerate(classes) for i in c.image_ids]
+  images = [ep.resize(domain.read(i), image_size, resize_ratio) for _, i in ids]
+  count = len(ids)
+  return Episode(np.stack(images), np.asarray([label for label, _ in ids], np.int32),
+                 np.ones(count, bool), np.zeros((1, image_size, image_size, 3), np.uint8),
+                 np.zeros(1, np.int32), np.zeros(1, bool), np.ones(len(classes), bool),
+                 np.zeros((), np.int32))
 
 
 def parse_alpha(text: str, num_experts: int) -> np.ndarray:
