@@ -5,7 +5,9 @@ SoftMerge and SMAT, each zero-shot and +full and +LoRA fine-tuned, with ID/OOD a
 softmerge=runs/bench/softmerge,smat=runs/bench/smat --out benchmarks/results/table_glyphs
 
 Rows default to the glyphs ID scripts (their test classes) one by one, the held-out scripts one
-by one and Fashion-MNIST; `--rows pooled` uses glyphs:id, glyphs:ood and fashion_mnist instead.
+by one and Fashion-MNIST; `--rows pooled` uses glyphs:id, glyphs:ood and fashion_mnist instead;
+`--rows run` the first run's benchmark (its config's data.test, e.g. Meta-Dataset's 10 test
+sources, with `--sampler md` for the paper's variable-way variable-shot episodes).
 Every cell is `smat.evaluate.evaluate_domains` on the same episodes (same seed; the first
 `--lr-search-episodes` of each domain pick the fine-tuning lr and are never reported). Cells are
 saved to OUT.json as they finish, so an interrupted run resumes where it stopped; OUT.md holds
@@ -25,7 +27,7 @@ import numpy as np
 from benchmarks import report
 from smat import evaluate, fewshot, finetune, metatrain
 from smat.data import spec as spec_lib
-from smat.data.samplers import FixedSampler
+from smat.data.samplers import FixedSampler, MetaDatasetSampler
 from smat.data.sources import glyphs
 from smat.models import checkpoint
 
@@ -41,8 +43,17 @@ MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " 
                "selfpruner": " +Self-Pruner", "circuit": " +circuit"}
 
 
-def row_specs(rows: str, data_dir: str | None) -> tuple[list[str], list[str]]:
-  """(ID specs, OOD specs) of the table's rows."""
+def row_specs(rows: str, data_dir: str | None, workdir: str | None = None
+              ) -> tuple[list[str], list[str]]:
+  """(ID specs, OOD specs) of the table's rows; `run`: the run's benchmark, its config's
+  data.test, ID where the run meta-trained on the source (as `smat evaluate` splits them)."""
+  if rows == "run":
+    from smat import config as config_lib
+
+    config = config_lib.from_json(os.path.join(workdir, "config.json"))
+    test = [s for s in config.data.test.split(",") if s]
+    trained = set(config.data.train.split(","))
+    return [s for s in test if s in trained], [s for s in test if s not in trained]
   if rows == "pooled":
     return ["glyphs:id"], ["glyphs:ood", "fashion_mnist"]
   meta = json.loads((glyphs.find_build(data_dir or spec_lib.default_data_dir())
@@ -139,7 +150,13 @@ def main(argv=None) -> int:
   parser.add_argument("--backbone", help="θ_pre (the Pre columns)")
   parser.add_argument("--runs", required=True, metavar="METHOD=WORKDIR,...",
                       help="meta-train workdirs of pmf, softmerge and smat")
-  parser.add_argument("--rows", choices=["scripts", "pooled"], default="scripts")
+  parser.add_argument("--rows", choices=["scripts", "pooled", "run"], default="scripts",
+                      help="scripts, pooled: the glyph benchmark's rows; run: the test sources "
+                           "of the first run's benchmark (its config's data.test; Meta-Dataset's "
+                           "10 for the *_md configs)")
+  parser.add_argument("--sampler", choices=["fixed", "md"], default="fixed",
+                      help="fixed --ways/--shots/--queries episodes, or Meta-Dataset's "
+                           "variable-way variable-shot ones (the paper's Meta-Dataset tables)")
   parser.add_argument("--modes", default=",".join(MODES))
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="columns to evaluate, of " + ",".join(METHODS))
@@ -160,11 +177,12 @@ def main(argv=None) -> int:
   start = time.time()
   runs = dict(item.split("=", 1) for item in args.runs.split(","))
   modes = args.modes.split(",")
-  id_specs, ood_specs = row_specs(args.rows, args.data_dir)
+  id_specs, ood_specs = row_specs(args.rows, args.data_dir, next(iter(runs.values()), None))
   ft = finetune.FinetuneConfig(steps=args.finetune_steps,
                                lrs=tuple(float(x) for x in args.lrs.split(",")),
                                search_episodes=args.lr_search_episodes)
-  sampler = FixedSampler(args.ways, args.shots, args.queries)
+  sampler = (MetaDatasetSampler() if args.sampler == "md"
+             else FixedSampler(args.ways, args.shots, args.queries))
   groups = {s: spec_lib.load_domains(s, args.data_dir, seed=args.seed)
             for s in id_specs + ood_specs}
   path = args.out + ".json"
@@ -179,7 +197,9 @@ def main(argv=None) -> int:
 
   def write():
     tuned = [m for m in modes if m != "zero-shot"]
-    protocol = (f"{args.ways}-way {args.shots}-shot {args.queries}-query; zero-shot "
+    episodes = ("Meta-Dataset variable-way variable-shot" if args.sampler == "md" else
+                f"{args.ways}-way {args.shots}-shot {args.queries}-query")
+    protocol = (f"{episodes}; zero-shot "
                 f"{args.episodes} episodes per cell"
                 + (f", fine-tuned ({', '.join(tuned)}) {args.finetune_episodes}; {ft.steps} "
                    f"steps, lr grid {list(ft.lrs)} searched per domain" if tuned else "")

@@ -31,12 +31,13 @@ Configs: --config NAME[:VARIANT] names a packaged config (glyphs_small, pretrain
       Relative paths in configs (backbone.path, data_dir) are from the current directory.
 BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safetensors file
       with --format timm|hf --arch ARCH (vit_s16, vit_b16: DINO; vit_s14_dinov2, vit_b14_dinov2:
-      DINOv2 in timm's layout).
+      DINOv2 in timm's layout; vit_s14_dinov2_reg4, vit_b14_dinov2_reg4: DINOv2 with registers).
 
 SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
       tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed);
       folder: and tfds: take a class split for meta-training: 'folder:<path>?split=70/15/15'
-      (&seed=N, split=FILE.json, groups=dirs, by=group; README, "Meta-training on your own data")
+      (&seed=N, split=FILE.json, split=cifar_fs for tfds:cifar100, groups=dirs, by=group;
+      README, "Meta-training on your own data")
 
 Environment: SMAT_DATA_DIR (built datasets, default ~/.cache/smat), SMAT_THREADS=N (pin XLA's
       CPU threads, for bit-identical results across machines), SMAT_COMPILE_CACHE=DIR|off
@@ -58,7 +59,8 @@ ADAPT_MODES = ("zero-shot", "full", "lora", "sparse", "random", "map", "influenc
                "circuit")
 # `smat.models.convert.FORMATS` and `sorted(smat.models.vit.PRESETS)`, spelt out likewise.
 FORMATS = ("timm", "hf")
-ARCHS = ("vit_b14_dinov2", "vit_b16", "vit_mini_p4", "vit_s14_dinov2", "vit_s16", "vit_tiny_p4")
+ARCHS = ("vit_b14_dinov2", "vit_b14_dinov2_reg4", "vit_b16", "vit_mini_p4", "vit_s14_dinov2",
+         "vit_s14_dinov2_reg4", "vit_s16", "vit_tiny_p4")
 
 
 def _distributed_arg(parser: argparse.ArgumentParser) -> None:
@@ -345,7 +347,7 @@ def _cmd_export(args) -> None:
     params, config, meta = export.from_backbone(args.backbone)
   else:
     params, config, meta = export.from_run(args.workdir, args.checkpoint, args.support,
-                                           args.alpha)
+                                           args.alpha, args.skip_corrupt)
   export.save(args.out, params, config, meta, args.format)
   alpha = f", α = {', '.join(f'{a:.3f}' for a in meta['alpha'])}" if "alpha" in meta else ""
   print(f"{args.out}: {meta['model']} in {args.format} layout "
@@ -569,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SMAT/SoftMerge: a folder with one sub-folder of images per class")
   exp.add_argument("--alpha", default=None, metavar="uniform|W1,...,WM",
                    help="SMAT/SoftMerge: the merged model at these expert weights")
+  exp.add_argument("--skip-corrupt", action="store_true",
+                   help="leave unreadable images of --support out (counted) instead of failing")
   exp.add_argument("--format", choices=FORMATS, default="timm")
   exp.add_argument("--out", required=True, help="output .safetensors file")
   exp.set_defaults(run=_cmd_export, compiles=True)

@@ -28,14 +28,15 @@ from smat.errors import DataError, SmatError
 from smat.models import vit
 
 
-def support_episode(folder: str, image_size: int, resize_ratio: float) -> Episode:
+def support_episode(folder: str, image_size: int, resize_ratio: float,
+                    skip_corrupt: bool = False) -> Episode:
   """Every image of each class of the `folder:` domain FOLDER as the support set of one task,
   resized as evaluation images are (the query set is one masked-out placeholder: routing reads
-  the support only)."""
+  the support only); unreadable images fail, or with `skip_corrupt` are left out (counted)."""
   from smat.data import episodes as ep
   from smat.data.sources import folder as folder_source
 
-  domain = folder_source.load(folder)
+  domain = folder_source.load(folder, skip_corrupt=skip_corrupt)
   classes = domain.classes("test")
   if len(classes) < 2:
     raise DataError(f"--support {folder}: needs at least 2 class sub-folders (found "
@@ -89,7 +90,8 @@ def task_params(run, episode: Episode) -> tuple[dict, np.ndarray]:
 
 
 def from_run(workdir: str, which: str = "best", support: str | None = None,
-             alpha: str | None = None) -> tuple[dict, vit.ViTConfig, dict]:
+             alpha: str | None = None, skip_corrupt: bool = False
+             ) -> tuple[dict, vit.ViTConfig, dict]:
   """(parameters, architecture, metadata) of what a meta-training run exports."""
   from smat import config as config_lib
   from smat import metatrain
@@ -110,7 +112,7 @@ def from_run(workdir: str, which: str = "best", support: str | None = None,
   if support:
     config = config_lib.from_json(os.path.join(workdir, "config.json"))
     episode = support_episode(support, config.data.image_size,
-                              config.data.get("test_resize_ratio") or 1.0)
+                              config.data.get("test_resize_ratio") or 1.0, skip_corrupt)
     theta, weights = task_params(run, episode)
     return theta, run.hp.vit, {**meta, "model": "θ_task", "support": os.path.abspath(support),
                                "alpha": weights.tolist()}

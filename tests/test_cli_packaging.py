@@ -201,11 +201,12 @@ def build_wheel(tmp_path) -> Path:
   return wheel
 
 
-def test_the_wheel_ships_configs_and_license_and_runs_from_another_directory(tmp_path):
+def test_the_wheel_ships_configs_splits_and_license_and_runs_from_another_directory(tmp_path):
   wheel = build_wheel(tmp_path)
   names = zipfile.ZipFile(wheel).namelist()
   for name in ("smat_glyphs", "pmf_glyphs", "pretrain_glyphs", "glyphs_small", "smat_vits16_md"):
     assert f"smat/configs/{name}.py" in names, name
+  assert "smat/data/splits/cifar_fs.json" in names  # the packaged class lists
   assert any(re.fullmatch(r"smat-[^/]+\.dist-info/licenses/LICENSE", n) for n in names), names
   zipfile.ZipFile(wheel).extractall(tmp_path / "site")
   elsewhere = tmp_path / "elsewhere"

@@ -25,6 +25,8 @@ from smat.meta import step as meta_step
 from smat.meta import tasks
 from smat.models import checkpoint, vit
 
+import cheap_compile
+
 CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
 FT = finetune.FinetuneConfig(steps=2, lrs=(0.0, 1e-3), search_episodes=2)  # synthetic episodes
 # Glyph episodes: the CLI builds the same config from its flags, so its compiles are reused.
@@ -34,8 +36,7 @@ SAMPLER = FixedSampler(3, 1, 1)
 SMAT_HP = tasks.Hyper(method="smat", vit=CFG, num_experts=2)
 
 # XLA's cheapest CPU settings: these tests are dominated by compile time, not run time.
-_CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                  "xla_cpu_use_fusion_emitters": False}
+_CHEAP_COMPILE = cheap_compile.options()
 
 
 def cheap_jit(fn, **kwargs):

@@ -20,6 +20,8 @@ from smat.data import augment
 from smat.meta import budget, defaults, experts, gates, router, schedules, step, tasks
 from smat.models import vit
 
+import cheap_compile
+
 CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=8)
 M = 3  # experts
 BETA, ZETA, GAMMA = 2.0 / 3.0, 1.1, -0.1
@@ -28,8 +30,7 @@ BETA, ZETA, GAMMA = 2.0 / 3.0, 1.1, -0.1
 # ----------------------------------------------------------------------------- helpers
 
 # XLA's cheapest CPU settings: these tests are dominated by compile time, not run time.
-_CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                  "xla_cpu_use_fusion_emitters": False}
+_CHEAP_COMPILE = cheap_compile.options()
 
 
 def cheap_jit(fn):

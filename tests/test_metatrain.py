@@ -627,6 +627,16 @@ def test_export_theta_task_and_merged_models_of_a_smat_run(shared, tmp_path, cap
   moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
               for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(run.theta_pre)))
   assert moved > 0  # θ_task is not θ_pre
+  # A corrupt image in the support fails with the flag to pass, and with it is left out.
+  first_class = sorted(p for p in support.iterdir() if p.is_dir())[0]
+  (first_class / "broken.png").write_bytes(b"not an image")
+  capsys.readouterr()
+  export_args = ["export", "--workdir", workdir, "--checkpoint", "checkpoints", "--support",
+                 str(support), "--out", str(out)]
+  assert cli.main(export_args) == 2
+  assert "--skip-corrupt" in capsys.readouterr().err
+  assert cli.main([*export_args, "--skip-corrupt"]) == 0
+  np.testing.assert_allclose(_read_export(out)[1]["alpha"], alpha, atol=1e-6)
 
   weights = [3.0] + [1.0] * (run.hp.num_experts - 1)
   assert cli.main(["export", "--workdir", workdir, "--checkpoint", "checkpoints", "--alpha",

@@ -127,10 +127,34 @@ def test_dinov2_import_matches_reference(size):
     convert.convert(tensors, "timm", fixture_config("timm"))
 
 
+@pytest.mark.parametrize("size", [32, 24])
+def test_dinov2_with_registers_matches_reference(size):
+  """timm's reg4 DINOv2 layout: 4 register tokens after CLS, position embeddings for the patches
+  only (resampled without a CLS row at 24 px); the registers really take part."""
+  config = fixture_config("timm", layer_scale=True, registers=4)
+  path = str(FIXTURES / "dinov2_reg.safetensors")
+  params = convert.import_safetensors(path, "timm", config)
+  assert params["reg_token"].shape == (1, 4, 48) and params["pos_embed"].shape == (1, 16, 48)
+  ref = np.load(FIXTURES / "dinov2_reg.npz")
+  out = features(params, ref[f"images_{size}"], config)
+  assert max_diff(out, ref[f"features_{size}"]) <= 1e-4
+  noise = jax.random.normal(jax.random.key(0), params["reg_token"].shape)
+  moved = {**params, "reg_token": params["reg_token"] + noise}  # a constant shift would be
+  # cancelled by LayerNorm
+  assert max_diff(features(moved, ref[f"images_{size}"], config), out) > 1e-3
+  # Read as DINOv2 without registers, the file's reg_token and pos_embed are named.
+  with pytest.raises(convert.WeightsError, match=r"unexpected keys .*reg_token.*\n.*pos_embed"):
+    convert.import_safetensors(path, "timm", fixture_config("timm", layer_scale=True))
+  with pytest.raises(SmatError, match="registers"):
+    vit.require_plain_blocks(config, "circuit")
+
+
 def test_dinov2_presets_have_timms_parameter_counts():
   # timm's vit_small_patch14_dinov2 / vit_base_patch14_dinov2 (num_classes=0): 22,056,192 and
-  # 86,579,712 parameters (their 518-px position embeddings included).
-  for arch, count in (("vit_s14_dinov2", 22_056_192), ("vit_b14_dinov2", 86_579_712)):
+  # 86,579,712 parameters (their 518-px position embeddings included); with 4 registers
+  # (vit_*_patch14_reg4_dinov2): 22,057,344 and 86,582,016.
+  for arch, count in (("vit_s14_dinov2", 22_056_192), ("vit_b14_dinov2", 86_579_712),
+                      ("vit_s14_dinov2_reg4", 22_057_344), ("vit_b14_dinov2_reg4", 86_582_016)):
     shapes = vit.param_shapes(vit.get_config(arch))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == count, arch
 
@@ -456,14 +480,17 @@ def test_configs_name_a_backbone_directory_or_safetensors_file(tmp_path):
     checkpoint.load_from_config(ml_collections.ConfigDict({"path": ""}))
 
 
-@pytest.mark.parametrize("fmt", ["timm", "hf"])
-def test_export_is_the_exact_inverse_of_import(fmt):
+@pytest.mark.parametrize("name, fmt, arch", [
+    ("timm", "timm", {}), ("hf", "hf", {}), ("dinov2", "timm", {"layer_scale": True}),
+    ("dinov2_reg", "timm", {"layer_scale": True, "registers": 4})])
+def test_export_is_the_exact_inverse_of_import(name, fmt, arch):
   """Imported then exported, every tensor of the fixture comes back bit for bit under its own
-  key and shape (timm's fused qkv included); only the heads a backbone does not use are left."""
+  key and shape (timm's fused qkv, LayerScale and registers included); only the heads and
+  tokens a backbone does not use are left."""
   from safetensors.numpy import load_file
 
-  tensors = load_file(str(FIXTURES / f"{fmt}.safetensors"))
-  params = convert.convert(dict(tensors), fmt, fixture_config(fmt))
+  tensors = load_file(str(FIXTURES / f"{name}.safetensors"))
+  params = convert.convert(dict(tensors), fmt, fixture_config(fmt, **arch))
   exported = convert.export(params, fmt)
   kept = {k: v for k, v in tensors.items() if not convert._IGNORED[fmt].match(k)}
   assert sorted(exported) == sorted(kept)

@@ -20,6 +20,8 @@ from smat.data.samplers import FixedSampler, MetaDatasetSampler
 from smat.data.sources import fashion_mnist, folder, md_h5, tfds_source
 from smat.errors import DataError, SamplerError
 
+from md_fixtures import pixels, write_md_h5
+
 STRIDE = 1 << 40  # tfds_source: image id = split position · stride + record index
 
 
@@ -196,32 +198,6 @@ def test_tfds_errors_are_data_errors(tfds, tmp_path):
 
 
 # --- P>M>F Meta-Dataset .h5 ------------------------------------------------------------------------
-
-
-def pixels(class_id, index):
-  """Deterministic image for (class, index); sizes differ between classes."""
-  rng = np.random.default_rng([class_id, index])
-  return rng.integers(0, 256, size=(6 + class_id, 9, 3), dtype=np.uint8)
-
-
-def write_md_h5(root, source, images_per_class, layout):
-  """P>M>F's layout: <root>/<source>/dataset_spec.json and one <class_id>.h5 per class."""
-  import h5py
-
-  directory = Path(root) / source
-  directory.mkdir(parents=True)
-  spec = {"name": source, "images_per_class": {str(k): n for k, n in enumerate(images_per_class)},
-          "class_names": {str(k): f"n{k:08d}" for k in range(len(images_per_class))},
-          "path": str(directory), "file_pattern": "{}.tfrecords", **layout}
-  (directory / "dataset_spec.json").write_text(json.dumps(spec))
-  for class_id, n in enumerate(images_per_class):
-    with h5py.File(directory / f"{class_id}.h5", "w") as f:
-      for j in range(n):
-        group = f.create_group(str(j))
-        group.create_dataset("image", data=pixels(class_id, j))
-        group.create_dataset("label", data=np.array([class_id], np.int32))
-        group.create_dataset("id", data=class_id * 1000 + j)
-  return directory
 
 
 def test_md_h5_splits_and_pixels(tmp_path):
@@ -649,6 +625,25 @@ def test_split_file_and_its_errors(tmp_path):
   message = str(info.value)
   assert "not in the data (1): zz" in message and "in no split (2): c02, c03" in message
   assert "in two splits (1): c01" in message
+
+
+def test_packaged_cifar_fs_split_on_tfds_cifar100(tfds, tmp_path):
+  """tfds:cifar100?split=cifar_fs: CIFAR-FS's published 64/16/20 classes, by CIFAR-100's fine
+  labels (alphabetical: 2 baby, 5 bed, 8 bicycle test, 4 beaver validates, 0 apple trains)."""
+  n = 300
+  def every_label(builder, split, **kwargs):  # the mock's records, each label three times
+    from tensorflow_datasets.testing import mocking
+
+    fake = mocking.RandomFakeGenerator(builder.info.features, n, seed=0)
+    return [{**fake[i], "label": i % 100} for i in range(n)]
+
+  with tfds.testing.mock_data(num_examples=n, as_data_source_fn=every_label):
+    domain = spec_lib.load_domain("tfds:cifar100:train?split=cifar_fs", str(tmp_path))
+  counts = [len(domain.classes(s)) for s in ("train", "val", "test")]
+  assert counts == [64, 16, 20]
+  assert {"cifar100/2", "cifar100/5", "cifar100/8"} <= set(_names(domain, "test"))
+  assert "cifar100/0" in _names(domain, "train") and "cifar100/4" in _names(domain, "val")
+  assert all(c.size == 3 for s in ("train", "val", "test") for c in domain.classes(s))
 
 
 def test_grouped_folders_split_whole_groups(tmp_path):

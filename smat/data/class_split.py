@@ -6,9 +6,14 @@ name the same SPEC see the same classes (`/` separates numbers: `,` separates SP
   tfds:cifar100?split=64/16/20        ... or by class counts when they add up to the classes
   folder:PATH?split=70/15/15&seed=3   another seed, another assignment (default 0)
   folder:PATH?split=FILE.json         explicit lists: {"train": [...], "val": [...], "test": [...]}
+  tfds:cifar100?split=cifar_fs        a packaged list (smat/data/splits/NAME.json, below)
   folder:PATH?groups=dirs             PATH/<group>/<class>/<images>: groups (alphabets, scripts)
                                       for within-group ways; class names are "group/class"
   ...&by=group                        split whole groups, not classes (as Omniglot's alphabets)
+
+Packaged lists: `cifar_fs`, CIFAR-FS's 64/16/20 classes of CIFAR-100 (Bertinetto et al., 2019),
+as `tfds:cifar100` names them (`cifar100/<fine label>`, the labels in CIFAR-100's alphabetical
+order), from the class lists torchmeta 1.8.0 (MIT) ships for CIFAR-FS.
 
 Without `split` every class is a test class (an evaluation-only domain). The assignment is a
 permutation of the sorted names drawn from `seed` alone, so it does not depend on the order
@@ -18,6 +23,7 @@ files were found in or on the machine.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 from urllib.parse import parse_qsl
@@ -28,6 +34,7 @@ from smat.data.domain import SPLITS, Domain
 from smat.errors import DataError
 
 OPTIONS = {"split", "seed", "groups", "by"}
+PACKAGED = ("cifar_fs",)  # smat/data/splits/<name>.json
 
 
 def parse(spec: str) -> tuple[str, dict[str, str]]:
@@ -63,6 +70,8 @@ def apply(domain: Domain, options: dict[str, str], spec: str) -> Domain:
                     f"groups=dirs)")
   units = sorted({c.group for c in classes}) if by_group else [c.name for c in classes]
   value = options["split"]
+  if value in PACKAGED:
+    value = str(importlib.resources.files("smat.data") / "splits" / f"{value}.json")
   if value.endswith(".json"):
     assignment = _from_file(value, units, spec, "groups" if by_group else "classes")
   else:

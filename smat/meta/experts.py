@@ -21,7 +21,7 @@ import numpy as np
 from smat.meta import gates as hc
 from smat.models.checkpoint import path_name  # 'blocks/attn/query/kernel' of a tree path
 
-EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed")
+EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
 
 
 def is_embedding(name: str) -> bool:

@@ -99,7 +99,8 @@ def _top_table(fmt: str) -> dict[str, tuple[str, Callable]]:
     return {"cls_token": ("cls_token", _same), "pos_embed": ("pos_embed", _same),
             "patch_embed/kernel": ("patch_embed.proj.weight", _conv),
             "patch_embed/bias": ("patch_embed.proj.bias", _same),
-            "norm/scale": ("norm.weight", _same), "norm/bias": ("norm.bias", _same)}
+            "norm/scale": ("norm.weight", _same), "norm/bias": ("norm.bias", _same),
+            "reg_token": ("reg_token", _same)}  # DINOv2 with registers only
   return {"cls_token": ("embeddings.cls_token", _same),
           "pos_embed": ("embeddings.position_embeddings", _same),
           "patch_embed/kernel": ("embeddings.patch_embeddings.projection.weight", _conv),
@@ -133,10 +134,10 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
   expected = dict(_flatten(vit.param_shapes(config)))
   used, missing, misshaped, mistyped, params = set(), [], [], [], {}
   top, block = _top_table(fmt), _block_table(fmt)
-  if config.layer_scale and fmt != "timm":
-    raise WeightsError(f"{where}: LayerScale backbones (DINOv2) are read in timm's layout "
-                       f"(timm's vit_*_patch14_dinov2 or DINOv2's own state dict): use --format "
-                       f"timm")
+  if (config.layer_scale or config.registers) and fmt != "timm":
+    raise WeightsError(f"{where}: DINOv2 backbones (LayerScale, registers) are read in timm's "
+                       f"layout (timm's vit_*_patch14_dinov2 and *_reg4_dinov2, or DINOv2's own "
+                       f"state dict without registers): use --format timm")
   for path, shape_dtype in expected.items():
     if path.startswith("blocks/"):
       key, fn = block[path.removeprefix("blocks/")]
@@ -191,7 +192,8 @@ def export(params: dict, fmt: str = "timm") -> dict[str, np.ndarray]:
   depth = flat["blocks/norm1/scale"].shape[0]
   out, fused = {}, {}
   for path, (key, fn) in _top_table(fmt).items():
-    out[key] = _inverse(fn)(flat[path])
+    if path in flat:  # reg_token: DINOv2 with registers only
+      out[key] = _inverse(fn)(flat[path])
   for path, (key, fn) in _block_table(fmt).items():
     if "blocks/" + path not in flat:  # LayerScale, in DINOv2's backbones only
       continue

@@ -41,6 +41,9 @@ class ViTConfig:
   on an H100 unrolled, and XLA's cost analysis counts a rolled loop body only once; a rolled
   loop (False) compiles in time independent of depth. `layer_scale` adds DINOv2's LayerScale:
   each residual branch is multiplied by a learned per-channel `gamma` (`ls1`, `ls2`).
+  `registers` > 0 is DINOv2 with registers in timm's layout: that many learned tokens
+  (`reg_token`) after CLS, and position embeddings for the patches only (CLS and registers
+  carry none), so `pos_embed` is [1, N², D].
   """
 
   patch_size: int
@@ -54,6 +57,7 @@ class ViTConfig:
   remat: bool = False
   unroll_blocks: bool = True
   layer_scale: bool = False
+  registers: int = 0
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
 
@@ -63,6 +67,8 @@ class ViTConfig:
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                        f"{self.patch_size}")
+    if self.registers < 0:
+      raise ValueError(f"registers {self.registers} must be ≥ 0")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype {self.dtype!r} must be 'float32' or 'bfloat16'")
 
@@ -93,6 +99,11 @@ PRESETS: dict[str, ViTConfig] = {
                                 image_size=518, layer_scale=True),
     "vit_b14_dinov2": ViTConfig(patch_size=14, width=768, depth=12, num_heads=12, mlp_dim=3072,
                                 image_size=518, layer_scale=True),
+    # DINOv2 with 4 registers (timm's vit_*_patch14_reg4_dinov2.lvd142m).
+    "vit_s14_dinov2_reg4": ViTConfig(patch_size=14, width=384, depth=12, num_heads=6,
+                                     mlp_dim=1536, image_size=518, layer_scale=True, registers=4),
+    "vit_b14_dinov2_reg4": ViTConfig(patch_size=14, width=768, depth=12, num_heads=12,
+                                     mlp_dim=3072, image_size=518, layer_scale=True, registers=4),
 }
 
 
@@ -127,17 +138,19 @@ def cubic_resize_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray
   return weights.astype(np.float32)
 
 
-def resample_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
-  """DINO's `interpolate_pos_encoding`: [1, 1 + N², D] → [1, 1 + grid_h·grid_w, D]."""
-  n = math.isqrt(pos_embed.shape[1] - 1)
+def resample_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int,
+                       prefix: int = 1) -> jax.Array:
+  """DINO's `interpolate_pos_encoding`: [1, prefix + N², D] → [1, prefix + grid_h·grid_w, D];
+  the `prefix` rows (CLS's; none with registers) are kept as they are."""
+  n = math.isqrt(pos_embed.shape[1] - prefix)
   if (grid_h, grid_w) == (n, n):
     return pos_embed
   rows = jnp.asarray(cubic_resize_matrix(n, grid_h, (grid_h + 0.1) / n))
   cols = jnp.asarray(cubic_resize_matrix(n, grid_w, (grid_w + 0.1) / n))
-  patches = pos_embed[0, 1:].reshape(n, n, -1)
+  patches = pos_embed[0, prefix:].reshape(n, n, -1)
   resized = jnp.einsum("hi,ijd,wj->hwd", rows, patches, cols,
                        precision=jax.lax.Precision.HIGHEST)
-  return jnp.concatenate([pos_embed[:, :1], resized.reshape(1, grid_h * grid_w, -1)], axis=1)
+  return jnp.concatenate([pos_embed[:, :prefix], resized.reshape(1, grid_h * grid_w, -1)], axis=1)
 
 
 def _dense(config: ViTConfig, width: int, name: str) -> nn.Dense:
@@ -207,9 +220,17 @@ class VisionTransformer(nn.Module):
     x = x.reshape(batch, grid_h * grid_w, c.width)
     init = nn.initializers.normal(0.02)
     cls = self.param("cls_token", init, (1, 1, c.width))
-    pos = self.param("pos_embed", init, (1, 1 + c.grid ** 2, c.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, c.width)).astype(dtype), x], axis=1)
-    x = x + resample_pos_embed(pos, grid_h, grid_w).astype(dtype)
+    cls = jnp.broadcast_to(cls, (batch, 1, c.width)).astype(dtype)
+    if c.registers:  # timm's no_embed_class: add the patches' positions, then prepend
+      pos = self.param("pos_embed", init, (1, c.grid ** 2, c.width))
+      x = x + resample_pos_embed(pos, grid_h, grid_w, prefix=0).astype(dtype)
+      registers = self.param("reg_token", init, (1, c.registers, c.width))
+      registers = jnp.broadcast_to(registers, (batch, c.registers, c.width)).astype(dtype)
+      x = jnp.concatenate([cls, registers, x], axis=1)
+    else:
+      pos = self.param("pos_embed", init, (1, 1 + c.grid ** 2, c.width))
+      x = jnp.concatenate([cls, x], axis=1)
+      x = x + resample_pos_embed(pos, grid_h, grid_w).astype(dtype)
     block = nn.remat(Block) if c.remat else Block
     blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
@@ -220,12 +241,12 @@ class VisionTransformer(nn.Module):
 
 
 def require_plain_blocks(config: ViTConfig, what: str) -> None:
-  """The re-implemented forwards of circuits and compression know DINO's blocks, not
-  LayerScale's: refuse rather than compute a different network."""
-  if config.layer_scale:
+  """The re-implemented forwards of circuits and compression know DINO's blocks and tokens,
+  not LayerScale's or registers': refuse rather than compute a different network."""
+  if config.layer_scale or config.registers:
     from smat.errors import SmatError
 
-    raise SmatError(f"{what} supports DINO's ViT blocks, not LayerScale (DINOv2) backbones; "
+    raise SmatError(f"{what} supports DINO's ViT, not DINOv2's LayerScale or registers; "
                     f"use a learned or another hand-designed mask strategy")
 
 
