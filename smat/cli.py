@@ -1,7 +1,7 @@
 """`smat` command line: parses flags and calls library functions, nothing more.
 
   smat reproduce                       the main job on the offline benchmark (README)
-  smat data prepare glyphs             build the offline glyphs benchmark (cached)
+  smat data prepare glyphs|emoji       build an offline benchmark source (cached)
   smat data describe SPEC [--json]     classes per split, images per class, metadata
   smat data show SPEC --out FILE.png   one sampled episode as an image grid
   smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
@@ -33,8 +33,9 @@ BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safe
       with --format timm|hf --arch ARCH (vit_s16, vit_b16: DINO; vit_s14_dinov2, vit_b14_dinov2:
       DINOv2 in timm's layout; vit_s14_dinov2_reg4, vit_b14_dinov2_reg4: DINOv2 with registers).
 
-SPEC: glyphs:id | glyphs:ood | glyphs:<script> | fashion_mnist | folder:<path> |
-      tfds:<name>[:<split>] | md_h5:<dir>:<source>   (comma-separated lists allowed);
+SPEC: glyphs:id | glyphs:ood | glyphs:<script> | emoji:id | emoji:ood | emoji:<category> |
+      fashion_mnist | folder:<path> | tfds:<name>[:<split>] | md_h5:<dir>:<source>
+      (comma-separated lists allowed);
       folder: and tfds: take a class split for meta-training: 'folder:<path>?split=70/15/15'
       (&seed=N, split=FILE.json, split=cifar_fs for tfds:cifar100, groups=dirs, by=group;
       README, "Meta-training on your own data")
@@ -80,11 +81,15 @@ def _cmd_prepare(args) -> None:
   from smat.data.sources import fashion_mnist, glyphs
   from smat.data.spec import default_data_dir
 
-  _at_least(args, 1, "size", "instances", "workers", "max_classes_per_script")
+  _at_least(args, 1, "size", "instances", "workers", "max_classes_per_script",
+             "max_classes_per_category")
   _at_least(args, 0, "seed")
   if args.dataset == "fashion_mnist":
     domain = fashion_mnist.load()
     print(f"fashion_mnist: {domain.describe()['num_images']} images found in {domain.metadata['path']}")
+    return
+  if args.dataset == "emoji":
+    _prepare_emoji(args)
     return
   config = glyphs.GlyphsConfig(
       size=args.size, instances=args.instances, seed=args.seed,
@@ -96,6 +101,21 @@ def _cmd_prepare(args) -> None:
   meta = json.loads((path / "metadata.json").read_text())
   print(f"glyphs: {len(meta['id_scripts'])} ID scripts, {len(meta['ood_scripts'])} held-out scripts, "
         f"{len(meta['classes'])} classes, {meta['num_images']} images in {path}")
+
+
+def _prepare_emoji(args) -> None:
+  from smat.data.sources import emoji
+  from smat.data.spec import default_data_dir
+
+  sets = tuple(s.strip() for s in args.emoji_sets.split(",")) if args.emoji_sets else tuple(emoji.SETS)
+  config = emoji.EmojiConfig(size=args.size, instances=args.instances, seed=args.seed, sets=sets,
+                             min_sets=min(len(sets), emoji.EmojiConfig.min_sets),
+                             max_classes_per_category=args.max_classes_per_category)
+  path = emoji.build(args.data_dir or default_data_dir(), config)
+  meta = json.loads((path / "metadata.json").read_text())
+  print(f"emoji: {len(meta['id_categories'])} ID categories, {len(meta['ood_categories'])} "
+        f"held-out categories, {len(meta['classes'])} classes, {meta['num_images']} images in "
+        f"{path}")
 
 
 def _cmd_describe(args) -> None:
@@ -403,14 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
   data = commands.add_parser("data", help="prepare, describe and look at data")
   data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-  prepare = data_commands.add_parser("prepare", help="build the offline glyphs benchmark (idempotent)")
-  prepare.add_argument("dataset", choices=["glyphs", "fashion_mnist"])
+  prepare = data_commands.add_parser(
+      "prepare", help="build an offline benchmark source: glyphs (from the installed fonts), "
+      "emoji (from the npm packages bootstrap fetches); idempotent")
+  prepare.add_argument("dataset", choices=["glyphs", "emoji", "fashion_mnist"])
   _data_dir_arg(prepare)
   prepare.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
   prepare.add_argument("--instances", type=int, default=20, help="images per class (default 20)")
   prepare.add_argument("--seed", type=int, default=0)
-  prepare.add_argument("--scripts", default=None, help="only these scripts, comma-separated")
+  prepare.add_argument("--scripts", default=None, help="glyphs: only these scripts, comma-separated")
   prepare.add_argument("--max-classes-per-script", type=int, default=None)
+  prepare.add_argument("--emoji-sets", default=None,
+                       help="emoji: these design teams, comma-separated (default: apple, google, "
+                            "twitter, facebook)")
+  prepare.add_argument("--max-classes-per-category", type=int, default=None)
   prepare.add_argument("--font-dir", default="/usr/share/fonts/truetype/noto")
   prepare.add_argument("--workers", type=int, default=None, help="render processes (default: cores)")
   prepare.set_defaults(run=_cmd_prepare)

@@ -1,6 +1,7 @@
 """SPEC strings → domains.
 
   glyphs:id | glyphs:ood | glyphs:<script>   the offline benchmark (built by `smat data prepare`)
+  emoji:id | emoji:ood | emoji:<category>    emoji by four design teams (`smat data prepare emoji`)
   fashion_mnist                              Debian's dataset-fashion-mnist (OOD)
   folder:<path>                              root/<class>/<images> (OOD)
   tfds:<name>[:<split>]                      TensorFlow Datasets (see sources/tfds_source.py)
@@ -16,7 +17,8 @@ from pathlib import Path
 from smat.data.domain import Domain
 from smat.errors import DataError
 
-FORMS = ("glyphs:id", "glyphs:ood", "glyphs:<script>", "fashion_mnist", "folder:<path>",
+FORMS = ("glyphs:id", "glyphs:ood", "glyphs:<script>", "emoji:id", "emoji:ood",
+         "emoji:<category>", "fashion_mnist", "folder:<path>",
          "tfds:<name>[:<split>]", "md_h5:<dir>:<source>",
          "folder:<path>?split=70/15/15 (or tfds:…?split=…: a class split for meta-training)")
 
@@ -43,6 +45,10 @@ def load_domain(spec: str, data_dir: str | None = None, skip_corrupt: bool = Fal
     from smat.data.sources import glyphs
 
     return glyphs.load_domains(glyphs.find_build(data_dir), rest)
+  if kind == "emoji" and rest:
+    from smat.data.sources import emoji
+
+    return emoji.load_domains(emoji.find_build(data_dir), rest)
   if kind == "fashion_mnist" and not rest:
     from smat.data.sources import fashion_mnist
 
