@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
     return 2
   started = time.time()
   with tempfile.TemporaryDirectory(prefix="smat-flags-") as directory:
-    flags = ["--" + f.removeprefix("--") for f in args.flags.split(",") if f]
+    # Commas separate flags, not the values some flags take (fusion_type=dot,eltwise).
+    flags = ["--" + f.removeprefix("--") for f in re.split(r",(?=(?:--)?xla_)", args.flags) if f]
     rows = [run_setting(s, args, directory) for s in settings(flags)]
     base = rows[0]
     for row in rows:
