@@ -8,7 +8,12 @@ picklable `read(image_id) -> uint8 [H, W, 3]` callable.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,3 +157,19 @@ def split_classes_by_count(
         f"class split {counts} needs {sum(counts)} classes but the source has {len(classes)}")
   a, b = counts[0], counts[0] + counts[1]
   return {"train": tuple(classes[:a]), "val": tuple(classes[a:b]), "test": tuple(classes[b:])}
+
+
+def write_build(out: Path, images: np.ndarray, metadata: dict) -> None:
+  """A built source's `images.npy` and `metadata.json` into `out`, all or nothing: written in a
+  staging folder beside it and renamed into place, `metadata.json` last, so its presence means
+  the build is complete (an incomplete earlier build is replaced)."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
+  try:
+    np.save(staging / "images.npy", images)
+    (staging / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    if out.exists():
+      shutil.rmtree(out)  # an incomplete earlier build (no metadata.json)
+    os.replace(staging, out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)

@@ -26,9 +26,7 @@ import io
 import json
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smat.data.domain import Domain, ImageClass, split_classes_by_fraction
+from smat.data.domain import Domain, ImageClass, split_classes_by_fraction, write_build
 from smat.errors import DataError
 
 FORMAT_VERSION = 1
@@ -247,16 +245,7 @@ def build(data_dir: str | os.PathLike, config: EmojiConfig = EmojiConfig(),
       "num_images": int(images.shape[0]),
       "images_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
   }
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
-  try:
-    np.save(staging / "images.npy", images)
-    (staging / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
-    if out.exists():
-      shutil.rmtree(out)  # an incomplete earlier build (no metadata.json)
-    os.replace(staging, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+  write_build(out, images, metadata)
   return out
 
 

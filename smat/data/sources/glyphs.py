@@ -24,9 +24,7 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import unicodedata
 import zlib
 from collections.abc import Sequence
@@ -36,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from smat.data.domain import Domain, ImageClass, gray_to_rgb, split_classes_by_fraction
+from smat.data.domain import (Domain, ImageClass, gray_to_rgb, split_classes_by_fraction,
+                               write_build)
 from smat.errors import DataError
 
 FONT_DIR = "/usr/share/fonts/truetype/noto"
@@ -329,16 +328,7 @@ def build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
       "num_images": int(images.shape[0]),
       "images_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
   }
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
-  try:
-    np.save(staging / "images.npy", images)
-    (staging / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True))
-    if out.exists():
-      shutil.rmtree(out)  # an incomplete earlier build (no metadata.json)
-    os.replace(staging, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+  write_build(out, images, metadata)
   return out
 
 
