@@ -5,8 +5,8 @@
 #   bash bootstrap.sh install    install only
 # Installs Debian's fonts-noto-core and dataset-fashion-mnist (the offline benchmark's inputs)
 # with apt when run as root or with sudo, a virtual environment in .venv, and smat into it at the
-# exact versions of constraints.txt, with every optional source (TFDS, h5); fetches the emoji
-# domains' npm packages when npm is there. SMAT_CUDA=12 adds
+# exact versions of constraints.txt, with every optional source (TFDS, h5, icons); fetches the
+# emoji and icons domains' npm packages when npm is there. SMAT_CUDA=12 adds
 # JAX's CUDA 12 wheels (jax[cuda12], the `cuda12` extra) for an NVIDIA GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,22 +34,26 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The emoji domains' drawings: npm tarballs, fetched once into the data directory (they are read
-# from the tarballs by `smat data prepare emoji`). Not fatal: the main job does not need them.
-NPM_PACKAGES=(emoji-datasource-apple emoji-datasource-google emoji-datasource-twitter
-              emoji-datasource-facebook)
-NPM_VERSION=16.0.0
+# The emoji and icons domains' drawings: npm tarballs, fetched once into the data directory (they
+# are read from the tarballs by `smat data prepare emoji|icons`). Not fatal: the main job does not
+# need them. npm pack names a scoped package's tarball without the @: @iconify/json@V →
+# iconify-json-V.tgz.
+NPM_PACKAGES=(emoji-datasource-apple@16.0.0 emoji-datasource-google@16.0.0
+              emoji-datasource-twitter@16.0.0 emoji-datasource-facebook@16.0.0
+              @iconify/json@2.2.535)
 npm_dir="${SMAT_DATA_DIR:-$HOME/.cache/smat}/npm"
 wanted=()
-for pkg in "${NPM_PACKAGES[@]}"; do
-  [ -f "$npm_dir/$pkg-$NPM_VERSION.tgz" ] || wanted+=("$pkg@$NPM_VERSION")
+for spec in "${NPM_PACKAGES[@]}"; do
+  name="${spec%@*}" version="${spec##*@}"
+  tarball="${name#@}"
+  [ -f "$npm_dir/${tarball//\//-}-$version.tgz" ] || wanted+=("$spec")
 done
 if [ ${#wanted[@]} -gt 0 ]; then
   if command -v npm >/dev/null && mkdir -p "$npm_dir" \
       && npm pack --silent "${wanted[@]}" --pack-destination "$npm_dir" >/dev/null; then
     echo "fetched ${wanted[*]} into $npm_dir"
   else
-    echo "warning: could not fetch ${wanted[*]} (needs npm); for the emoji domains run" >&2
+    echo "warning: could not fetch ${wanted[*]} (needs npm); for the emoji and icons domains run" >&2
     echo "  npm pack ${wanted[*]} --pack-destination $npm_dir" >&2
   fi
 fi

@@ -1,7 +1,7 @@
 """`smat` command line: parses flags and calls library functions, nothing more.
 
   smat reproduce                       the main job on the offline benchmark (README)
-  smat data prepare glyphs|emoji       build an offline benchmark source (cached)
+  smat data prepare glyphs|emoji|icons build an offline benchmark source (cached)
   smat data describe SPEC [--json]     classes per split, images per class, metadata
   smat data show SPEC --out FILE.png   one sampled episode as an image grid
   smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
@@ -34,7 +34,7 @@ BACKBONE (B): a backbone directory (from pretrain or import-backbone) or a .safe
       DINOv2 in timm's layout; vit_s14_dinov2_reg4, vit_b14_dinov2_reg4: DINOv2 with registers).
 
 SPEC: glyphs:id | glyphs:ood | glyphs:<script> | emoji:id | emoji:ood | emoji:<category> |
-      fashion_mnist | folder:<path> | tfds:<name>[:<split>] | md_h5:<dir>:<source>
+      icons:id | fashion_mnist | folder:<path> | tfds:<name>[:<split>] | md_h5:<dir>:<source>
       (comma-separated lists allowed);
       folder: and tfds: take a class split for meta-training: 'folder:<path>?split=70/15/15'
       (&seed=N, split=FILE.json, split=cifar_fs for tfds:cifar100, groups=dirs, by=group;
@@ -82,7 +82,7 @@ def _cmd_prepare(args) -> None:
   from smat.data.spec import default_data_dir
 
   _at_least(args, 1, "size", "instances", "workers", "max_classes_per_script",
-             "max_classes_per_category")
+             "max_classes_per_category", "max_classes", "min_sets")
   _at_least(args, 0, "seed")
   if args.dataset == "fashion_mnist":
     domain = fashion_mnist.load()
@@ -90,6 +90,9 @@ def _cmd_prepare(args) -> None:
     return
   if args.dataset == "emoji":
     _prepare_emoji(args)
+    return
+  if args.dataset == "icons":
+    _prepare_icons(args)
     return
   config = glyphs.GlyphsConfig(
       size=args.size, instances=args.instances, seed=args.seed,
@@ -116,6 +119,24 @@ def _prepare_emoji(args) -> None:
   print(f"emoji: {len(meta['id_categories'])} ID categories, {len(meta['ood_categories'])} "
         f"held-out categories, {len(meta['classes'])} classes, {meta['num_images']} images in "
         f"{path}")
+
+
+def _prepare_icons(args) -> None:
+  from smat.data.sources import icons
+  from smat.data.spec import default_data_dir
+
+  sets = (tuple(s.strip() for s in args.icon_sets.split(",") if s.strip()) if args.icon_sets
+          else icons.DEFAULT_SETS)
+  min_sets = args.min_sets or min(len(sets), icons.IconsConfig.min_sets)
+  config = icons.IconsConfig(size=args.size, instances=args.instances, seed=args.seed, sets=sets,
+                             min_sets=min_sets, max_classes=args.max_classes)
+  path = icons.build(args.data_dir or default_data_dir(), config)
+  meta = json.loads((path / "metadata.json").read_text())
+  groups = {c["group"] for c in meta["classes"] if c["group"]}
+  print(f"icons: {len(meta['classes'])} classes ({len(groups)} groups), {meta['num_images']} "
+        f"images from {len(meta['sets'])} icon sets in {path}")
+  for prefix, skipped in meta["skipped_sets"].items():
+    print(f"  skipped {prefix}: {skipped['reason']}")
 
 
 def _cmd_describe(args) -> None:
@@ -425,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   prepare = data_commands.add_parser(
       "prepare", help="build an offline benchmark source: glyphs (from the installed fonts), "
-      "emoji (from the npm packages bootstrap fetches); idempotent")
-  prepare.add_argument("dataset", choices=["glyphs", "emoji", "fashion_mnist"])
+      "emoji and icons (from the npm packages bootstrap fetches); idempotent")
+  prepare.add_argument("dataset", choices=["glyphs", "emoji", "icons", "fashion_mnist"])
   _data_dir_arg(prepare)
   prepare.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
   prepare.add_argument("--instances", type=int, default=20, help="images per class (default 20)")
@@ -437,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="emoji: these design teams, comma-separated (default: apple, google, "
                             "twitter, facebook)")
   prepare.add_argument("--max-classes-per-category", type=int, default=None)
+  prepare.add_argument("--icon-sets", default=None,
+                       help="icons: these Iconify icon sets (prefixes), comma-separated (default: "
+                            "30 monochrome, openly licensed UI sets; README)")
+  prepare.add_argument("--min-sets", type=int, default=None,
+                       help="icons: sets that must draw a concept for it to be a class (default 6)")
+  prepare.add_argument("--max-classes", type=int, default=None,
+                       help="icons: at most this many classes, those drawn by the most sets")
   prepare.add_argument("--font-dir", default="/usr/share/fonts/truetype/noto")
   prepare.add_argument("--workers", type=int, default=None, help="render processes (default: cores)")
   prepare.set_defaults(run=_cmd_prepare)

@@ -267,10 +267,10 @@ def test_the_wheel_installed_in_a_fresh_venv_meta_trains_from_another_directory(
 def test_extras_cover_the_optional_sources_and_a_gpu_install():
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   extras = project["optional-dependencies"]
-  assert sorted(extras["all"]) == sorted(extras["tfds"] + extras["h5"])
+  assert sorted(extras["all"]) == sorted(extras["tfds"] + extras["h5"] + extras["icons"])
   assert extras["cuda12"] == ["jax[cuda12]"]
   core = " ".join(project["dependencies"])
-  assert "tensorflow-datasets" not in core and "h5py" not in core
+  assert "tensorflow-datasets" not in core and "h5py" not in core and "resvg" not in core
   assert 'extras="all,test"' in (ROOT / "bootstrap.sh").read_text()  # README's commands get every source
 
 

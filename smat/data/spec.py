@@ -2,6 +2,7 @@
 
   glyphs:id | glyphs:ood | glyphs:<script>   the offline benchmark (built by `smat data prepare`)
   emoji:id | emoji:ood | emoji:<category>    emoji by four design teams (`smat data prepare emoji`)
+  icons:id                                   icon concepts, 30 icon sets (`smat data prepare icons`)
   fashion_mnist                              Debian's dataset-fashion-mnist (OOD)
   folder:<path>                              root/<class>/<images> (OOD)
   tfds:<name>[:<split>]                      TensorFlow Datasets (see sources/tfds_source.py)
@@ -18,7 +19,7 @@ from smat.data.domain import Domain
 from smat.errors import DataError
 
 FORMS = ("glyphs:id", "glyphs:ood", "glyphs:<script>", "emoji:id", "emoji:ood",
-         "emoji:<category>", "fashion_mnist", "folder:<path>",
+         "emoji:<category>", "icons:id", "fashion_mnist", "folder:<path>",
          "tfds:<name>[:<split>]", "md_h5:<dir>:<source>",
          "folder:<path>?split=70/15/15 (or tfds:…?split=…: a class split for meta-training)")
 
@@ -49,6 +50,10 @@ def load_domain(spec: str, data_dir: str | None = None, skip_corrupt: bool = Fal
     from smat.data.sources import emoji
 
     return emoji.load_domains(emoji.find_build(data_dir), rest)
+  if kind == "icons" and rest:
+    from smat.data.sources import icons
+
+    return icons.load_domains(icons.find_build(data_dir), rest)
   if kind == "fashion_mnist" and not rest:
     from smat.data.sources import fashion_mnist
 
