@@ -40,7 +40,7 @@ from smat import metatrain
 from smat.data import loader
 from smat.data.episodes import Episode
 from smat.meta import step as meta_step
-from smat.meta import router, tasks
+from smat.meta import methods, router, tasks
 from smat.models import checkpoint, vit
 
 
@@ -209,8 +209,10 @@ def breakdown(config, ways: int, support: int, query: int, repeats: int,
   def routed(episode, key):
     return tasks.route(router_params, theta_pre, episode, hp, temp, key)[1]
 
+  method = methods.get(hp)
+
   def merged(episode, key):
-    return tasks.task_params(params, theta_pre, routed(episode, key), hp, key)[0]
+    return method.task_params(params, theta_pre, routed(episode, key), key, None)[0]
 
   def inner(episode, key):
     return tasks.inner_step(merged(episode, key), episode, hp)
@@ -227,7 +229,7 @@ def breakdown(config, ways: int, support: int, query: int, repeats: int,
     return tasks.dense_teacher(adapted, head, f_q, vjp_q, episode, hp), pre
 
   def loss(episode, key):
-    return tasks.expert_loss(params, theta_pre, router_params, episode, key, temp, hp)[0]
+    return method.task_loss(params, theta_pre, router_params, episode, key, temp, None)[0]
 
   functions = (("router", routed), ("merge", merged), ("inner", inner), ("student", student),
                ("teachers", teachers), ("loss_forward", loss))

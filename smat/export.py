@@ -80,10 +80,10 @@ def merged_params(run, alpha) -> dict:
 def task_params(run, episode: Episode) -> tuple[dict, np.ndarray]:
   """(θ_task, α) of a SMAT / SoftMerge run for one support set, as zero-shot meta-test builds
   them."""
-  from smat.meta import router, tasks
+  from smat.meta import methods, router
 
   router_params = router.spectral_normalize(run.params["router"], run.router_state)
-  theta, alpha = jax.jit(tasks.zero_shot_params, static_argnames="hp")(
+  theta, alpha = jax.jit(methods.zero_shot_params, static_argnames="hp")(
       run.params, run.theta_pre, router_params, jax.tree.map(jnp.asarray, episode),
       hp=run.hp, temp=run.temperature)
   return theta, np.asarray(alpha)

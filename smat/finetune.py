@@ -45,7 +45,7 @@ from smat import fewshot, protonet, sparsity
 from smat.data import augment
 from smat.data import episodes as ep
 from smat.errors import SmatError
-from smat.meta import experts, router, tasks
+from smat.meta import experts, methods, router, tasks
 from smat.models import vit
 
 LEARNING_RATES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1)
@@ -255,8 +255,8 @@ def task_theta(model: TaskModel, episode, hp: tasks.Hyper | None):
     return model.theta_pre, None
   router_params = (router.spectral_normalize(model.params["router"], model.router_state)
                    if model.router_state else None)
-  theta, _, merged = tasks.zero_shot_task(model.params, model.theta_pre, router_params, episode,
-                                          hp, model.temperature)
+  theta, _, merged = methods.zero_shot_task(model.params, model.theta_pre, router_params,
+                                            episode, hp, model.temperature)
   return theta, merged
 
 

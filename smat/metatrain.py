@@ -71,6 +71,7 @@ def hyper(config, vit_config, devices: int = 1) -> tasks.Hyper:
       ce_weight=1.0 - t.weight, kd_weight=t.weight, router_logit_weight=r.logit_weight,
       temperature_start=r.temperature_start, temperature_floor=r.temperature_floor,
       temperature_decay_tasks=r.temperature_decay_tasks, mask_strategy=mask_strategy(config),
+      structured=e.structured, freeze_embeddings=e.freeze_embeddings,
       task_chunks=task_chunks(config, devices), augment=augment_config(config))
 
 
@@ -217,15 +218,18 @@ def restore(manager, state: meta_step.MetaState, rng, step: int | None = None):
       state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
   fields = dict(restored["state"])
   rng = jax.random.wrap_key_data(fields.pop("rng"))
+  if "sparsity" in fields:
+    fields["mask_state"] = fields.pop("sparsity")
   return meta_step.MetaState(**fields), rng, restored["data"]
 
 
 def _fields(state: meta_step.MetaState) -> dict:
-  """The checkpointed fields: an empty strategy state is left out (runs without a mask
-  strategy keep the checkpoint layout they always had)."""
+  """The checkpointed fields: the mask strategy's state under its checkpoint name "sparsity",
+  left out when empty (runs without a mask strategy keep the layout they always had)."""
   fields = state._asdict()
-  if not jax.tree.leaves(fields["sparsity"]):
-    del fields["sparsity"]
+  mask_state = fields.pop("mask_state")
+  if jax.tree.leaves(mask_state):
+    fields["sparsity"] = mask_state
   return fields
 
 
@@ -243,11 +247,8 @@ def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None, devices: i
   per_epoch, total = schedule_steps(config)
   optimizer = meta_step.make_optimizer(config.optim, per_epoch, total,
                                        masks=hp.mask_strategy is not None)
-  key = jax.random.key(config.seed)
-  params, router_state = meta_step.init_params(key, theta_pre, hp, config.experts.structured,
-                                               config.experts.freeze_embeddings)
-  state = meta_step.init_state(params, router_state, optimizer,
-                               meta_step.init_sparsity(key, theta_pre, hp))
+  params, router_state, mask_state = meta_step.init(jax.random.key(config.seed), theta_pre, hp)
+  state = meta_step.init_state(params, router_state, optimizer, mask_state)
   return theta_pre, hp, optimizer, state
 
 

@@ -276,8 +276,9 @@ def smat_model():
             "gates": jax.tree.map(gate, shapes, is_leaf=lambda x: x is None or
                                   isinstance(x, tuple)),
             "lam": jnp.zeros((count,)), "router": router_params}
-  reference = jax.eval_shape(lambda key: meta_step.init_params(
-      key, theta_pre, SMAT_HP, structured=True, freeze_embeddings=True), jax.random.key(0))
+  structured = dataclasses.replace(SMAT_HP, structured=True, freeze_embeddings=True)
+  reference = jax.eval_shape(lambda key: meta_step.init_params(key, theta_pre, structured),
+                             jax.random.key(0))
   assert jax.tree.map(lambda x: x.shape, (params, router_state)) == jax.tree.map(
       lambda x: x.shape, reference)
   return theta_pre, params, router_state

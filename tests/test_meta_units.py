@@ -17,7 +17,7 @@ import pytest
 
 from smat.data import episodes as episodes_lib
 from smat.data import augment
-from smat.meta import budget, defaults, experts, gates, router, schedules, step, tasks
+from smat.meta import budget, defaults, experts, gates, methods, router, schedules, step, tasks
 from smat.models import vit
 
 import cheap_compile
@@ -689,7 +689,7 @@ def test_lagrangian_measures_the_deterministic_masks_not_the_sampled_ones():
 def test_theta_pre_gets_gradient_only_through_the_task_parameters():
   """θ_pre is frozen: the router's and the pre-trained teacher's uses of it are detached.
 
-  Checked on `tasks.expert_loss` itself (the step wraps θ_pre in stop_gradient, which would
+  Checked on SMAT's task loss itself (the step wraps θ_pre in stop_gradient, which would
   hide a missing detachment). With θ_task = θ_pre + m ⊙ δ, ∂L/∂δ = m ⊙ ∂L/∂θ_task; if the
   router and the θ_pre teacher are detached, ∂L/∂θ_pre is exactly ∂L/∂θ_task, so
   ∂L/∂δ = m ⊙ ∂L/∂θ_pre. A gradient leaking through either adds a term that breaks it.
@@ -700,15 +700,15 @@ def test_theta_pre_gets_gradient_only_through_the_task_parameters():
   episode, key = make_episode(1), jax.random.key(4)
 
   def loss(delta, theta):
-    return tasks.expert_loss({**params, "delta": delta}, theta, router_params, episode, key,
-                             hp.temperature(0), hp)
+    return methods.get(hp).task_loss({**params, "delta": delta}, theta, router_params, episode,
+                                     key, hp.temperature(0), None)
 
   (_, metrics), (g_delta, g_theta) = jax.device_get(cheap_jit(
       jax.value_and_grad(loss, (0, 1), has_aux=True))(params["delta"], theta_pre()))
   assert tree_max_abs(g_theta) > 1e-3
 
   def through_task(gate_logits, alpha, g):
-    _, k_gates = jax.random.split(key)  # as tasks.expert_loss splits it
+    _, k_gates = jax.random.split(key)  # as tasks.expert_loss splits it (SMAT's task loss)
     merged = experts.merge(alpha, experts.sample_masks(k_gates, gate_logits, hp.gate_noise))
     return jax.tree.map(lambda m, x: m * x, merged, g)
 
@@ -737,14 +737,14 @@ def test_lambda_gradient_once_every_expert_is_sparse():
 
 @functools.cache
 def _zero_shot():
-  """`step.zero_shot_batch` (vmapped `tasks.zero_shot_accuracy`) at T = 5."""
+  """`step.zero_shot_batch` (vmapped `methods.zero_shot_accuracy`) at T = 5."""
   hp = hyper("smat")
   return cheap_jit(lambda params, router_state, episodes: step.zero_shot_batch(
       params, router_state, episodes, theta_pre(), hp.temperature(0), hp=hp))
 
 
 def test_padded_episodes_give_the_same_loss_metrics_and_gradients():
-  """`tasks.expert_loss` (vmapped by `step._loss`, same keys) and `tasks.zero_shot_accuracy`
+  """The task loss (vmapped by `step._loss`, same keys) and `methods.zero_shot_accuracy`
   (vmapped by `step.zero_shot_batch`) on two episodes and on the same episodes padded to a larger
   bucket: the gate and router noise do not depend on the episode's shapes."""
   params, router_state = smat_trainable()
@@ -992,8 +992,8 @@ def test_zero_shot_accuracy_is_nan_when_theta_task_overflows():
   params, router_state = smat_trainable()
   router_params = router.spectral_normalize(params["router"], router_state)
   episode = make_episode(2)
-  accuracy = cheap_jit(lambda p: tasks.zero_shot_accuracy(p, theta_pre(), router_params, episode,
-                                                          hp, hp.temperature(0))[0])
+  accuracy = cheap_jit(lambda p: methods.zero_shot_accuracy(p, theta_pre(), router_params,
+                                                            episode, hp, hp.temperature(0))[0])
   assert np.isfinite(float(accuracy(params)))
   huge = {**params, "delta": jax.tree.map(lambda d: d * 1e38 + 1e38, params["delta"])}
   assert np.isnan(float(accuracy(huge)))

@@ -273,7 +273,7 @@ def test_expert_gradient_shares_sum_to_the_delta_gradient_and_follow_alpha_and_m
 def test_circuit_rediscovery_in_meta_training_weights_each_task_by_its_alpha():
   """Expert k's circuit comes from Σ_t α_tk s_t / Σ_t α_tk, s_t the edge scores of task t at its
   zero-shot θ_task (current masks), and meets the budget exactly."""
-  from smat.meta import router, step, tasks
+  from smat.meta import methods, router, step, tasks
   from smat.sparsity import circuit
 
   cfg = vit.ViTConfig(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, image_size=16)
@@ -287,14 +287,14 @@ def test_circuit_rediscovery_in_meta_training_weights_each_task_by_its_alpha():
   half = sparsity.Random(0.5)  # masks under which θ_task depends on α
   params["masks"] = jax.vmap(lambda k: half.mask(half.init(params["delta"], k)))(
       jax.random.split(key, 2))
-  got = jax.jit(step.rediscover, static_argnames="hp")(params, router_state, theta, batch, 1.0,
-                                                       hp=hp)
+  got = jax.jit(lambda *args: methods.get(hp).rediscover(*args, 1.0))(params, router_state,
+                                                                      theta, batch)
 
   router_params = router.spectral_normalize(params["router"], router_state)
   alphas, scores = [], []
   for t in range(2):
     episode = jax.tree.map(lambda x: x[t], batch)
-    theta_t, alpha, _ = tasks.zero_shot_task(params, theta, router_params, episode, hp, 1.0)
+    theta_t, alpha, _ = methods.zero_shot_task(params, theta, router_params, episode, hp, 1.0)
     alphas.append(np.asarray(alpha))
     scores.append(np.asarray(circuit.edge_scores(theta_t, episode, cfg, 8)))
   alphas, scores = np.stack(alphas), np.stack(scores)

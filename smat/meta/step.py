@@ -6,7 +6,7 @@ Trainable state (θ_pre is an argument, never optimised or checkpointed):
   lam     λ [M]                                                  (smat)
   router  block, skill tokens, expert keys                       (smat, softmerge)
   masks   the experts' masks [M, *P] from a mask strategy (smat with `hp.mask_strategy`, in
-          place of gates and λ); the strategy's own state is `MetaState.sparsity`
+          place of gates and λ); the strategy's own state is `MetaState.mask_state`
 Optimiser groups (one `optax.multi_transform` from the top-level key):
   delta   weight decay + SGD momentum
   gates   global-norm clip + plain SGD (lr 1e6 drives gates to 0/1)
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from smat.meta import budget, experts, gates, router, schedules, tasks
+from smat.meta import methods, router, schedules, tasks
 
 
 class MetaState(NamedTuple):
@@ -37,7 +37,7 @@ class MetaState(NamedTuple):
   step: jax.Array  # optimiser steps taken
   tasks_seen: jax.Array  # drives the router temperature
   bad_step: jax.Array  # first step whose loss or gradient was non-finite; -1 if none
-  sparsity: object = ()  # per-expert state of the mask strategy [M, ...]; () without one
+  mask_state: object = ()  # per-expert state of the mask strategy [M, ...]; () without one
 
 
 def make_optimizer(optim, steps_per_epoch: int, total_steps: int,
@@ -59,46 +59,21 @@ def make_optimizer(optim, steps_per_epoch: int, total_steps: int,
   return optax.multi_transform(groups, labels)
 
 
-def init_params(key: jax.Array, theta_pre, hp: tasks.Hyper, structured: bool = False,
-                freeze_embeddings: bool = False) -> tuple[dict, dict]:
-  """(trainable params, router state) at initialisation: δ = 0, log_α ~ N(0, 0.5²), λ = 0 (or,
-  with a mask strategy, its initial masks in place of log_α and λ)."""
-  k_gates, k_router = jax.random.split(key)
-  if hp.method == "pmf":
-    return {"delta": experts.init_delta(theta_pre)}, {}
-  dim = jax.tree.leaves(theta_pre["cls_token"])[0].shape[-1]
-  router_params, router_state = router.init(k_router, dim, hp.num_experts)
-  if hp.method == "softmerge":
-    deltas = jax.tree.map(lambda p: jnp.zeros((hp.num_experts,) + p.shape), theta_pre)
-    return {"delta": deltas, "router": router_params}, router_state
-  if hp.mask_strategy is not None:
-    return {"delta": experts.init_delta(theta_pre),
-            "masks": expert_masks(hp.mask_strategy, init_sparsity(key, theta_pre, hp)),
-            "router": router_params}, router_state
-  return {"delta": experts.init_delta(theta_pre),
-          "gates": experts.init_gates(k_gates, theta_pre, hp.num_experts, structured,
-                                      freeze_embeddings),
-          "lam": jnp.zeros((hp.num_experts,)),
-          "router": router_params}, router_state
+def init(key: jax.Array, theta_pre, hp: tasks.Hyper) -> methods.Init:
+  """The method's initial (trainable params, router state, mask state)."""
+  return methods.get(hp).init(key, theta_pre)
 
 
-def init_sparsity(key: jax.Array, theta_pre, hp: tasks.Hyper):
-  """The mask strategy's state for each expert [M, ...], () without one. Called with
-  `init_params`'s key (it draws from the same branch as the gates), so the two agree."""
-  if hp.mask_strategy is None:
-    return ()
-  keys = jax.random.split(jax.random.split(key)[0], hp.num_experts)
-  return jax.vmap(hp.mask_strategy.init, (None, 0))(experts.init_delta(theta_pre), keys)
+def init_params(key: jax.Array, theta_pre, hp: tasks.Hyper) -> tuple[dict, dict]:
+  """(trainable params, router state) at initialisation (`init` without the mask state)."""
+  params, router_state, _ = init(key, theta_pre, hp)
+  return params, router_state
 
 
-def expert_masks(strategy, sparsity_state):
-  return jax.vmap(strategy.mask)(sparsity_state)
-
-
-def init_state(params: dict, router_state: dict, optimizer, sparsity=()) -> MetaState:
+def init_state(params: dict, router_state: dict, optimizer, mask_state=()) -> MetaState:
   scalar = lambda v: jnp.full((), v, jnp.int32)
   return MetaState(params, optimizer.init(params), router_state, scalar(0), scalar(0), scalar(-1),
-                   sparsity)
+                   mask_state)
 
 
 def _task_keys(key: jax.Array, count: int) -> jax.Array:
@@ -120,34 +95,17 @@ def over_tasks(task_fn, episodes, keys, chunks: int = 1):
 
 
 def _loss(params, probe, router_state, theta_pre, episodes, keys, temp, hp: tasks.Hyper):
-  """Meta-batch loss (mean over tasks), (per-task metrics, meta-batch metrics). `probe`: zeros
-  [M, *P] whose gradient is each expert's share of ∂L/∂δ (gradient-scored mask strategies),
-  else None. Each task's episode is augmented first when `hp.augment` says so."""
+  """Meta-batch loss (the method's batch loss of the mean task loss), (per-task metrics,
+  meta-batch metrics). `probe`: see `Method.prepare`. Each task's episode is augmented first
+  when `hp.augment` says so."""
+  method = methods.get(hp)
   theta_pre = jax.lax.stop_gradient(theta_pre)  # frozen: exactly zero gradient
-  if hp.method == "pmf":
-    losses, metrics = over_tasks(
-        lambda episode, key: tasks.protonet_loss(
-            params, theta_pre, tasks.augmented(episode, key, hp), hp), episodes, keys,
-        hp.task_chunks)
-    return losses.mean(), (metrics, {})
-  router_params = router.spectral_normalize(params["router"], router_state)
+  router_params = method.router_params(params, router_state)
   losses, metrics = over_tasks(
-      lambda episode, key: tasks.expert_loss(params, theta_pre, router_params,
-                                             tasks.augmented(episode, key, hp), key, temp, hp,
-                                             probe), episodes, keys, hp.task_chunks)
-  loss, batch = losses.mean(), {}
-  if "masks" in params:
-    batch["expert_sparsity"] = experts.sparsity(params["masks"], theta_pre)
-  if "gates" in params:
-    tau, alpha = hp.target_sparsity, metrics["alpha"].mean(0)
-    deployed = experts.deployed_sparsity(params["gates"], theta_pre)
-    lam = budget.reset(params["lam"], deployed, tau)
-    expected_l0 = experts.expected_l0(params["gates"], theta_pre)
-    l_sparse = budget.sparsity_loss(alpha, lam, expected_l0, tau)
-    l_lagr = budget.lagrangian(alpha, params["lam"], deployed, tau)
-    loss = loss + l_sparse + l_lagr
-    batch = {"sparsity_loss": l_sparse, "lagrangian": l_lagr, "expert_sparsity": deployed,
-             "expected_sparsity": 1.0 - expected_l0}
+      lambda episode, key: method.task_loss(params, theta_pre, router_params,
+                                            tasks.augmented(episode, key, hp), key, temp, probe),
+      episodes, keys, hp.task_chunks)
+  loss, batch = method.batch_loss(losses.mean(), metrics, params, theta_pre)
   return loss, (metrics, batch)
 
 
@@ -168,33 +126,15 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   temp = hp.temperature(state.tasks_seen)
   router_state = (router.power_iteration(state.params["router"], state.router_state)
                   if state.router_state else state.router_state)
-  strategy = hp.mask_strategy if hp.method == "smat" else None
-  params, sparsity = state.params, state.sparsity
-  from_activations = hasattr(strategy, "rediscover")
-  if from_activations:  # circuits: scores from activations, before this step's loss
-    sparsity = jax.lax.cond(
-        state.step % strategy.every == 0,
-        lambda: rediscover(state.params, router_state, theta_pre, episodes, temp, hp),
-        lambda: state.sparsity)
-    params = {**params, "masks": expert_masks(strategy, sparsity)}
-  probe = (None if strategy is None or from_activations
-           else jax.tree.map(jnp.zeros_like, params["masks"]))
-  (loss, (metrics, batch)), (grads, expert_grads) = jax.value_and_grad(
+  method = methods.get(hp)
+  params, mask_state, probe = method.prepare(state, router_state, theta_pre, episodes, temp)
+  (loss, (metrics, batch)), (grads, probe_grads) = jax.value_and_grad(
       _loss, argnums=(0, 1), has_aux=True)(
           params, probe, router_state, theta_pre, episodes, keys, temp, hp)
-  if "lam" in params:  # reset λ of experts whose deployed masks are sparser than τ, then step
-    params = {**params, "lam": budget.reset(params["lam"], batch["expert_sparsity"],
-                                            hp.target_sparsity)}
+  params = method.before_update(params, batch)
   updates, opt_state = optimizer.update(grads, state.opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  if "gates" in new_params:  # projections: log_α into its range, λ ≥ 0
-    new_params["gates"] = jax.tree.map(gates.clamp, new_params["gates"])
-    new_params["lam"] = jnp.maximum(new_params["lam"], 0.0)
-  if strategy is not None:  # each expert's strategy sees (δ, its share of ∂L/∂δ, step)
-    if not from_activations:
-      sparsity = jax.vmap(strategy.update, (0, None, 0, None))(
-          sparsity, params["delta"], expert_grads, state.step)
-    new_params["masks"] = expert_masks(strategy, sparsity)
+  new_params, mask_state = method.after_update(optax.apply_updates(params, updates), params,
+                                               mask_state, probe_grads, state.step)
   finite = _all_finite(loss, grads)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = MetaState(
@@ -202,38 +142,20 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
       keep(router_state, state.router_state), state.step + 1,
       state.tasks_seen + num_tasks,
       jnp.where(finite | (state.bad_step >= 0), state.bad_step, state.step),
-      keep(sparsity, state.sparsity))
+      keep(mask_state, state.mask_state))
   summary = {k: v.mean(0) for k, v in metrics.items()}
   summary.update(batch, loss=loss, grad_norm=optax.tree.norm(grads), temperature=temp,
                  finite=finite.astype(jnp.float32))
   if "alpha" in metrics:  # how often each expert weighs more than an even share
     summary["selected"] = (metrics["alpha"] > 1.0 / hp.num_experts).mean(0)
-  if "lam" in new_params:
-    summary["lam"] = new_params["lam"]
+  summary.update(method.logged(new_params))
   return new_state, summary
 
 
-def rediscover(params, router_state, theta_pre, episodes, temp, hp: tasks.Hyper):
-  """Each expert's next strategy state from the meta-batch's activations (circuit-tuning): the
-  edge scores of every task at its zero-shot θ_task (current masks, deterministic α), averaged
-  per expert with weights α_tk, so an expert's circuit is that of the tasks routed to it."""
-  strategy = hp.mask_strategy
-  router_params = router.spectral_normalize(params["router"], router_state)
-
-  def task_scores(episode):
-    theta, alpha, _ = tasks.zero_shot_task(params, theta_pre, router_params, episode, hp, temp)
-    return alpha, strategy.scores(theta, episode, hp.vit)
-
-  alpha, scores = jax.vmap(task_scores)(episodes)  # [T, M], [T, U, V]
-  per_expert = jnp.einsum("tm,tuv->muv", alpha, scores) / alpha.sum(0)[:, None, None]
-  return jax.vmap(strategy.rediscover, (None, 0, None))(params["delta"], per_expert, hp.vit)
-
-
 def zero_shot_batch(params, router_state, episodes, theta_pre, temp, *, hp: tasks.Hyper):
-  """Zero-shot query accuracy [T] (and α [T, M] for expert methods) of a batch of episodes."""
-  router_params = (router.spectral_normalize(params["router"], router_state)
-                   if router_state else None)
-  return jax.vmap(tasks.zero_shot_accuracy, (None, None, None, 0, None, None))(
+  """Zero-shot query accuracy [T] (and α [T, M] for routed methods) of a batch of episodes."""
+  router_params = methods.get(hp).router_params(params, router_state) if router_state else None
+  return jax.vmap(methods.zero_shot_accuracy, (None, None, None, 0, None, None))(
       params, theta_pre, router_params, episodes, hp, temp)
 
 

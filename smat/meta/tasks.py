@@ -1,8 +1,6 @@
-"""One task's meta-training loss and zero-shot prediction, for each method sharing the trainer.
-
-  smat       θ = θ_pre + (Σ_k α_k z_k) ⊙ δ, inner step, two teachers, sparsity control
-  softmerge  θ = θ_pre + Σ_k α_k δ_k (M dense experts, no gates, τ = 0), inner step, teachers
-  pmf        θ = θ_pre + δ, ProtoNet query loss (P>M>F: dense meta-tuning of the backbone)
+"""The pieces of one task's meta-training loss and zero-shot accuracy that the methods of
+`smat.meta.methods` compose: routing, the inner step, the two teachers (`expert_loss`, for the
+routed methods), ProtoNet's query loss (`protonet_loss`, P>M>F) and accuracy.
 
 Everything here works on one padded episode (`smat.data.episodes.Episode` without the task
 axis); the step vmaps it over the meta-batch. Shapes: support S, query Q, ways W, feature D.
@@ -16,7 +14,7 @@ import jax.numpy as jnp
 
 from smat import protonet
 from smat.data import augment
-from smat.meta import experts, gates, router
+from smat.meta import gates, router
 from smat.models import vit
 
 METHODS = ("smat", "softmerge", "pmf")
@@ -49,6 +47,10 @@ class Hyper:
   # A `smat.sparsity` strategy giving the experts' masks in place of learned gates (None: SMAT's
   # hard-concrete gates). Its masks live in the trainable tree as `masks` [M, *P], never trained.
   mask_strategy: object = None
+  # SMAT's learned gates: one gate per row/column group (`experts.init_gates`) in place of one
+  # per weight; the embeddings without gates (their δ stays 0).
+  structured: bool = False
+  freeze_embeddings: bool = False
   # The meta-batch runs in this many sequential chunks of tasks, each recomputed in the backward
   # pass: activation memory ÷ chunks for one more forward. 1: every task at once (fastest).
   task_chunks: int = 1
@@ -145,37 +147,13 @@ def route(router_params, theta_pre, episode, hp: Hyper, temp, key=None):
   return logits, alpha, protos_pre
 
 
-def task_params(trainable, theta_pre, alpha, hp: Hyper, key, probe=None):
-  """Training θ_task → (θ_task, per-expert sparsity of the *sampled* gates [M] or None, merged
-  mask density or None); meta-test uses `zero_shot_task`. (The sparsity the budget controls is
-  that of the deterministic masks, measured once per step in `smat.meta.step`.)
-
-  SMAT samples its gates; with a mask strategy the masks are fixed inputs and θ_task =
-  θ_pre + Σ_k α_k m_k ⊙ (δ + probe_k), where the zero `probe` [M, *P] exists only so that its
-  gradient is each expert's share ∂L/∂δ_k (what a gradient-scored strategy scores; None for
-  circuits, which score activations).
-  """
-  if hp.method == "softmerge":
-    return experts.soft_merge(theta_pre, trainable["delta"], alpha), None, None
-  if "masks" in trainable:
-    masks, delta = sg(trainable["masks"]), trainable["delta"]
-    if probe is not None:  # δ_k = δ + probe_k, [M, *P]
-      delta = jax.tree.map(jnp.add, delta, probe)
-    theta = jax.tree.map(lambda p, d, m: p + jnp.tensordot(alpha, m * d, axes=1),
-                         theta_pre, delta, masks)
-    merged = experts.merge(alpha, masks)
-    return theta, None, experts.merged_density(merged, theta_pre)
-  merged, sparsity = experts.sample_merged(key, trainable["gates"], alpha, theta_pre,
-                                           hp.gate_noise)
-  return (experts.interpolate(theta_pre, trainable["delta"], merged), sparsity,
-          experts.merged_density(merged, theta_pre))
-
-
-def expert_loss(trainable, theta_pre, router_params, episode, key, temp, hp: Hyper, probe=None):
-  """SMAT / SoftMerge loss of one task → (loss, metrics). `router_params` are normalised."""
+def expert_loss(theta_task, theta_pre, router_params, episode, key, temp, hp: Hyper):
+  """Loss of one task of a routed method → (loss, metrics): route, θ_task, inner step, two
+  teachers. `theta_task(α, key)` is the method's training θ_task → (θ_task, per-expert sparsity
+  of sampled gates or None, merged mask density or None); `router_params` are normalised."""
   k_route, k_gates = jax.random.split(key)
   logits, alpha, protos_pre = route(router_params, theta_pre, episode, hp, temp, k_route)
-  theta, sampled_sparsity, density = task_params(trainable, theta_pre, alpha, hp, k_gates, probe)
+  theta, sampled_sparsity, density = theta_task(alpha, k_gates)
   adapted, head, support_ce, support_acc = inner_step(theta, episode, hp)
   f_q, vjp_q = jax.vjp(lambda t: features(t, episode.query_images, hp.vit), adapted)
   student = logits_of(f_q, head, episode.class_mask, hp)
@@ -215,39 +193,14 @@ def protonet_loss(trainable, theta_pre, episode, hp: Hyper):
                                                   episode.query_mask)}
 
 
-def zero_shot_params(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
-  """θ_task for evaluation: deterministic gates, α = normalised sigmoid(ℓ / T)."""
-  theta, alpha, _ = zero_shot_task(trainable, theta_pre, router_params, episode, hp, temp)
-  return theta, alpha
-
-
-def zero_shot_task(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
-  """(θ_task, α or None, merged mask m or None) of one task at meta-test.
-
-  m is SMAT's Σ_k α_k z_k with deterministic gates, or with a mask strategy's masks (None for
-  PMF and SoftMerge, which have no gates); sparse fine-tuning updates where it is non-zero.
-  """
-  if hp.method == "pmf":
-    return jax.tree.map(jnp.add, theta_pre, trainable["delta"]), None, None
-  _, alpha, _ = route(router_params, theta_pre, episode, hp, temp)
-  if hp.method == "softmerge":
-    return experts.soft_merge(theta_pre, trainable["delta"], alpha), alpha, None
-  masks = trainable["masks"] if "masks" in trainable else experts.eval_masks(trainable["gates"])
-  merged = experts.merge(alpha, masks)
-  return experts.interpolate(theta_pre, trainable["delta"], merged), alpha, merged
-
-
-def zero_shot_accuracy(trainable, theta_pre, router_params, episode, hp: Hyper, temp):
-  """(query accuracy, α or None) of ProtoNet on θ_task: the zero-shot meta-test of one task
-  (NaN when θ_task's logits are not finite, so evaluation reports an error)."""
-  theta, alpha = zero_shot_params(trainable, theta_pre, router_params, episode, hp, temp)
+def protonet_accuracy(theta, episode, hp: Hyper) -> jax.Array:
+  """Query accuracy of ProtoNet on θ (the zero-shot meta-test of one task), NaN when a real
+  query's logit is not finite, so evaluation reports an error instead of a chance number."""
   ways = episode.class_mask.shape[-1]
   protos = protonet.prototypes(features(theta, episode.support_images, hp.vit),
                                episode.support_labels, episode.support_mask, ways)
   logits = logits_of(features(theta, episode.query_images, hp.vit), protos, episode.class_mask,
                      hp)
-  # NaN, not a chance-level number, when a real query's logit is not finite.
   finite = jnp.all(jnp.isfinite(logits) | ~episode.query_mask[:, None])
   accuracy = protonet.accuracy(logits, episode.query_labels, episode.query_mask)
-  return jnp.where(finite, accuracy, jnp.nan), alpha
-
+  return jnp.where(finite, accuracy, jnp.nan)
