@@ -1,4 +1,5 @@
-"""Shared fixtures: a small glyphs build (two ID scripts, one held-out) made once per session."""
+"""Shared fixtures, made once per session: a small glyphs build (two ID scripts, one held-out),
+a tiny θ_pre directory, and the config overrides that run the two together."""
 
 import os
 
@@ -22,6 +23,27 @@ def glyphs_data_dir(tmp_path_factory):
   config = glyphs.GlyphsConfig(**SMALL_GLYPHS)
   build_dir = glyphs.build(data_dir, config, workers=1, progress=False)
   return data_dir, build_dir, config
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory) -> str:
+  """A tiny θ_pre directory: one 16-wide block on 16-px images (init key 0)."""
+  import jax
+
+  from smat.models import checkpoint, vit
+
+  config = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
+  path = tmp_path_factory.mktemp("backbone") / "tiny"
+  checkpoint.save(str(path), vit.init(config, jax.random.key(0)), config)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def base(glyphs_data_dir, backbone) -> list[str]:
+  """Overrides every run needs: the session's glyphs build, the tiny backbone, 16 px."""
+  data_dir, _, _ = glyphs_data_dir
+  return [f"--config.data_dir={data_dir}", f"--config.backbone.path={backbone}",
+          "--config.data.image_size=16"]
 
 
 @pytest.fixture(scope="module")

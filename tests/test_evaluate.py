@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import pytest
 
 from smat import cli, fewshot
@@ -12,13 +11,6 @@ from smat.data.spec import load_domains
 from smat.models import checkpoint, vit
 
 CFG = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  path = tmp_path_factory.mktemp("backbone") / "tiny"
-  checkpoint.save(str(path), vit.init(CFG, jax.random.key(0)), CFG)
-  return str(path)
 
 
 def _evaluate(data_dir, backbone, out, *extra):

@@ -47,20 +47,6 @@ pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  path = tmp_path_factory.mktemp("backbone") / "tiny"
-  checkpoint.save(str(path), vit.init(CFG, jax.random.key(0)), CFG)
-  return path
-
-
-@pytest.fixture(scope="module")
-def base(glyphs_data_dir, backbone):
-  data_dir, _, _ = glyphs_data_dir
-  return [f"--config.data_dir={data_dir}", f"--config.backbone.path={backbone}",
-          "--config.data.image_size=16"]
-
-
-@pytest.fixture(scope="module")
 def timm_tensors():
   from safetensors.numpy import load_file
 

@@ -590,13 +590,6 @@ def test_same_seed_gives_the_same_episodes_for_every_method_and_mode(glyphs_data
 # ----------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  path = tmp_path_factory.mktemp("backbone") / "tiny"
-  checkpoint.save(str(path), theta(0), CFG)
-  return str(path)
-
-
 def _evaluate(data_dir, backbone, out, adapt):
   return cli.main(["evaluate", "--method", "pre", "--backbone", backbone,
                    "--domains", "glyphs:id,glyphs:ood", "--id-domains", "glyphs:id",

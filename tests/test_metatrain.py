@@ -31,7 +31,7 @@ from smat.data import loader
 from smat.errors import SmatError
 from smat.meta import experts
 from smat.meta import step as meta_step
-from smat.models import checkpoint, convert, vit
+from smat.models import checkpoint, convert
 
 SMAT = "smat_glyphs:smoke"
 PMF = "pmf_glyphs:smoke"
@@ -73,23 +73,6 @@ class Saved(NamedTuple):
 
 
 pytestmark = pytest.mark.usefixtures("module_compilation_cache")
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  """A tiny θ_pre directory: one 16-wide block on 16-px images."""
-  config = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
-  path = tmp_path_factory.mktemp("backbone") / "tiny"
-  checkpoint.save(str(path), vit.init(config, jax.random.key(0)), config)
-  return path
-
-
-@pytest.fixture(scope="module")
-def base(glyphs_data_dir, backbone):
-  """Overrides every run needs: the session's glyphs build, the tiny backbone, 16 px."""
-  data_dir, _, _ = glyphs_data_dir
-  return [f"--config.data_dir={data_dir}", f"--config.backbone.path={backbone}",
-          "--config.data.image_size=16"]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
-"""The paper's protocol end to end at toy size, stage by stage as README's "Real data" runs it:
+"""The paper's protocol end to end at toy size, stage by stage as docs/real-data.md runs it:
 meta-train the Meta-Dataset config on the 8 training sources, `smat evaluate` its benchmark's
 10 test sources by default, and the paper's table from `benchmarks.tables --rows run` — on
 P>M>F's .h5 layout (fixture files) and on the TFDS builders' layout (TFDS's mocks)."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,7 +13,6 @@ from benchmarks import tables
 from smat import cli
 from smat.data import spec as spec_lib
 from smat.data.sources import tfds_source
-from smat.models import checkpoint, vit
 
 pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
@@ -23,14 +21,6 @@ SOURCES = tfds_source.ID_SOURCES + ("traffic_sign", "mscoco")
 # Meta-Dataset's variable-way variable-shot episodes (5 ways, supports of at most 10).
 TOY = ["--config.data.image_size=16", "--config.data.sampler=md", "--config.data.max_ways=5",
        "--config.data.max_support=10", "--config.data.max_query_per_class=2"]
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  config = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=16)
-  path = tmp_path_factory.mktemp("backbone") / "tiny"
-  checkpoint.save(str(path), vit.init(config, jax.random.key(0)), config)
-  return path
 
 
 def run_the_paper(config: str, backbone, tmp_path, expected_specs) -> dict:

@@ -8,6 +8,7 @@ picklable `read(image_id) -> uint8 [H, W, 3]` callable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -173,3 +174,48 @@ def write_build(out: Path, images: np.ndarray, metadata: dict) -> None:
     os.replace(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildReader:
+  """Picklable reader of a built source's `images.npy`: image id → uint8 RGB. `ink`: the build
+  holds grayscale ink (0 = paper), read back as a black drawing on white."""
+
+  path: str
+  ink: bool = False
+
+  @functools.cached_property
+  def images(self) -> np.ndarray:
+    return np.load(self.path, mmap_mode="r")
+
+  def __call__(self, image_id: int) -> np.ndarray:
+    if self.ink:
+      return gray_to_rgb(255 - np.asarray(self.images[image_id]))
+    return np.array(self.images[image_id])
+
+  def __reduce__(self):  # pickle the path, not the memory map
+    return BuildReader, (self.path, self.ink)
+
+
+def find_build(data_dir: str | os.PathLike, source: str, what: str,
+               default: Path | None = None) -> Path:
+  """The build that `<source>:` specs read: $SMAT_<SOURCE>_BUILD; else `default` (the
+  default config's build) when it is finished; else the only finished build in
+  `<data_dir>/<source>`. `what` names the source in errors ("icons domain")."""
+  variable = f"SMAT_{source.upper()}_BUILD"
+  if os.environ.get(variable):
+    path = Path(os.environ[variable])
+    if not (path / "metadata.json").exists():
+      raise DataError(f"{variable}={path}: not a finished {source} build (no metadata.json)")
+    return path
+  if default is not None and (default / "metadata.json").exists():
+    return default
+  root = Path(data_dir) / source
+  builds = sorted(p for p in root.glob("s*-*") if (p / "metadata.json").exists())
+  if len(builds) == 1:
+    return builds[0]
+  if builds:
+    raise DataError(f"several {source} builds in {root} ({', '.join(p.name for p in builds)}); "
+                    f"choose one with {variable}=<dir>")
+  raise DataError(f"{what} not built in {root}: run `smat data prepare {source} "
+                  f"--data-dir {data_dir}` first")

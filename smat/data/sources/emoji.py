@@ -20,7 +20,6 @@ each set's image licence, are recorded in the metadata.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from smat.data import domain
 from smat.data.domain import Domain, ImageClass, split_classes_by_fraction, write_build
 from smat.errors import DataError
 
@@ -249,39 +249,9 @@ def build(data_dir: str | os.PathLike, config: EmojiConfig = EmojiConfig(),
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class EmojiReader:
-  """Picklable reader: image id → uint8 RGB."""
-
-  path: str
-
-  @functools.cached_property
-  def images(self) -> np.ndarray:
-    return np.load(self.path, mmap_mode="r")
-
-  def __call__(self, image_id: int) -> np.ndarray:
-    return np.array(self.images[image_id])
-
-  def __reduce__(self):  # pickle the path, not the memory map
-    return EmojiReader, (self.path,)
-
-
 def find_build(data_dir: str | os.PathLike) -> Path:
   """The build that `emoji:` specs read: $SMAT_EMOJI_BUILD, else the only finished build."""
-  if os.environ.get("SMAT_EMOJI_BUILD"):
-    path = Path(os.environ["SMAT_EMOJI_BUILD"])
-    if not (path / "metadata.json").exists():
-      raise DataError(f"SMAT_EMOJI_BUILD={path}: not a finished emoji build (no metadata.json)")
-    return path
-  root = Path(data_dir) / "emoji"
-  builds = sorted(p for p in root.glob("s*-*") if (p / "metadata.json").exists())
-  if len(builds) == 1:
-    return builds[0]
-  if builds:
-    raise DataError(f"several emoji builds in {root} ({', '.join(p.name for p in builds)}); "
-                    f"choose one with SMAT_EMOJI_BUILD=<dir>")
-  raise DataError(f"emoji domains not built in {root}: run `smat data prepare emoji "
-                  f"--data-dir {data_dir}` first")
+  return domain.find_build(data_dir, "emoji", "emoji domains")
 
 
 def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
@@ -313,7 +283,7 @@ def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
   return Domain(
       name=f"emoji:{which}",
       splits={k: tuple(v) for k, v in splits.items()},
-      read=EmojiReader(str(build_dir / "images.npy")),
+      read=domain.BuildReader(str(build_dir / "images.npy")),
       metadata={"source": "emoji", "build": build_dir.name, "categories": list(chosen),
                 "packages": meta["packages"], "renderer": meta.get("renderer"),
                 "images_sha256": meta["images_sha256"], "image_size": config["size"]},

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from smat.data.domain import (Domain, ImageClass, gray_to_rgb, split_classes_by_fraction,
+from smat.data import domain
+from smat.data.domain import (Domain, ImageClass, split_classes_by_fraction,
                                write_build)
 from smat.errors import DataError
 
@@ -332,48 +333,16 @@ def build(data_dir: str | os.PathLike, config: GlyphsConfig = GlyphsConfig(),
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class GlyphReader:
-  """Picklable reader: image id → uint8 RGB, black ink on white paper."""
-
-  path: str
-
-  @functools.cached_property
-  def images(self) -> np.ndarray:
-    return np.load(self.path, mmap_mode="r")
-
-  def __call__(self, image_id: int) -> np.ndarray:
-    return gray_to_rgb(255 - np.asarray(self.images[image_id]))
-
-  def __reduce__(self):  # pickle the path, not the memory map
-    return GlyphReader, (self.path,)
-
-
 def find_build(data_dir: str | os.PathLike, font_dir: str = FONT_DIR) -> Path:
   """The build that `glyphs:` specs read.
 
   Order: $SMAT_GLYPHS_BUILD; the default-config build; the only finished build in data_dir.
   """
-  if os.environ.get("SMAT_GLYPHS_BUILD"):
-    path = Path(os.environ["SMAT_GLYPHS_BUILD"])
-    if not (path / "metadata.json").exists():
-      raise DataError(f"SMAT_GLYPHS_BUILD={path}: not a finished glyphs build (no metadata.json)")
-    return path
-  root = Path(data_dir) / "glyphs"
   try:
     default = dataset_dir(data_dir, GlyphsConfig(), font_dir)
-    if (default / "metadata.json").exists():
-      return default
   except DataError:
-    pass  # fonts removed since the build: any finished build still works
-  builds = sorted(p for p in root.glob("s*-*") if (p / "metadata.json").exists())
-  if len(builds) == 1:
-    return builds[0]
-  if builds:
-    raise DataError(f"several glyphs builds in {root} ({', '.join(p.name for p in builds)}); "
-                    f"choose one with SMAT_GLYPHS_BUILD=<dir>")
-  raise DataError(f"glyphs benchmark not built in {root}: run `smat data prepare glyphs "
-                  f"--data-dir {data_dir}` first")
+    default = None  # fonts removed since the build: any finished build still works
+  return domain.find_build(data_dir, "glyphs", "glyphs benchmark", default)
 
 
 def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
@@ -405,7 +374,7 @@ def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
   return Domain(
       name=f"glyphs:{which}",
       splits={k: tuple(v) for k, v in splits.items()},
-      read=GlyphReader(str(build_dir / "images.npy")),
+      read=domain.BuildReader(str(build_dir / "images.npy"), ink=True),
       metadata={"source": "glyphs", "build": build_dir.name, "scripts": sorted(scripts),
                 "fonts": len(meta["fonts"]), "font_package": meta["font_package"],
                 "renderer": meta.get("renderer"),

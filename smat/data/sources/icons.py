@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
 import io
 import json
@@ -44,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smat.data.domain import (Domain, ImageClass, gray_to_rgb, split_classes_by_fraction,
+from smat.data import domain
+from smat.data.domain import (Domain, ImageClass, split_classes_by_fraction,
                                write_build)
 from smat.data.sources.emoji import jitter_affine, npm_dir
 from smat.errors import DataError, require
@@ -503,39 +503,9 @@ def build(data_dir: str | os.PathLike, config: IconsConfig = IconsConfig(),
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class IconsReader:
-  """Picklable reader: image id → uint8 RGB, black drawing on white."""
-
-  path: str
-
-  @functools.cached_property
-  def images(self) -> np.ndarray:
-    return np.load(self.path, mmap_mode="r")
-
-  def __call__(self, image_id: int) -> np.ndarray:
-    return gray_to_rgb(255 - np.asarray(self.images[image_id]))
-
-  def __reduce__(self):  # pickle the path, not the memory map
-    return IconsReader, (self.path,)
-
-
 def find_build(data_dir: str | os.PathLike) -> Path:
   """The build that `icons:` specs read: $SMAT_ICONS_BUILD, else the only finished build."""
-  if os.environ.get("SMAT_ICONS_BUILD"):
-    path = Path(os.environ["SMAT_ICONS_BUILD"])
-    if not (path / "metadata.json").exists():
-      raise DataError(f"SMAT_ICONS_BUILD={path}: not a finished icons build (no metadata.json)")
-    return path
-  root = Path(data_dir) / "icons"
-  builds = sorted(p for p in root.glob("s*-*") if (p / "metadata.json").exists())
-  if len(builds) == 1:
-    return builds[0]
-  if builds:
-    raise DataError(f"several icons builds in {root} ({', '.join(p.name for p in builds)}); "
-                    f"choose one with SMAT_ICONS_BUILD=<dir>")
-  raise DataError(f"icons domain not built in {root}: run `smat data prepare icons "
-                  f"--data-dir {data_dir}` first")
+  return domain.find_build(data_dir, "icons", "icons domain")
 
 
 def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
@@ -553,7 +523,7 @@ def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
   return Domain(
       name=f"icons:{which}",
       splits=splits,
-      read=IconsReader(str(build_dir / "images.npy")),
+      read=domain.BuildReader(str(build_dir / "images.npy"), ink=True),
       metadata={"source": "icons", "build": build_dir.name, "packages": meta["packages"],
                 "sets": [s["prefix"] for s in meta["sets"]], "renderer": meta.get("renderer"),
                 "images_sha256": meta["images_sha256"], "image_size": config["size"]},
