@@ -163,7 +163,7 @@ def _make_backbone(path: str) -> str:
   """The command that writes a backbone at `path`: `<W>/pretrain/backbone` is the main job's
   (`smat reproduce --workdir W`), `<D>/backbone` that of `smat pretrain --workdir D`."""
   if path.endswith(".safetensors"):
-    return "download the weights there (README: Backbones)"
+    return "download the weights there (docs/backbones.md)"
   parent, name = os.path.split(os.path.normpath(path))
   workdir, stage = os.path.split(parent)
   if (stage, name) == ("pretrain", "backbone"):

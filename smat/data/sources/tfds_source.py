@@ -94,11 +94,11 @@ def _data_source(name: str, split: str, data_dir: str | None):
       if not versions:
         raise DataError(
             f"tfds:{name}: builder not registered and no prepared files under {root / name}; "
-            f"prepare it first (see README, 'Real data')") from None
+            f"prepare it first (see docs/real-data.md)") from None
       return tfds.builder_from_directory(str(versions[-1])).as_data_source(split=split)
   except (OSError, AssertionError, ValueError, NotImplementedError) as e:
     raise DataError(f"tfds:{name}[{split}]: cannot open ({e}); prepare it with "
-                    f"`tfds build {name} --file_format=array_record` (see README)") from None
+                    f"`tfds build {name} --file_format=array_record` (see docs/real-data.md)") from None
 
 
 @dataclasses.dataclass(frozen=True)
