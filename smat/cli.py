@@ -1,10 +1,12 @@
 """`smat` command line: parses flags and calls library functions, nothing more.
 
-  smat reproduce                       the main job on the offline benchmark (README)
+  smat reproduce                       the main job on the offline benchmark (docs/install.md)
   smat data prepare glyphs|emoji|icons build an offline benchmark source (cached)
   smat data describe SPEC [--json]     classes per split, images per class, metadata
   smat data show SPEC --out FILE.png   one sampled episode as an image grid
-  smat pretrain --config C --workdir D supervised pre-training of a small backbone (θ_pre)
+  smat pretrain --config C --workdir D pre-train a small backbone (θ_pre): supervised
+                                       (pretrain_glyphs) or DINO, self-supervised on an
+                                       unlabeled pool (pretrain_dino_glyphs)
   smat meta-train --config C --workdir D [--distributed]
                                        meta-train SMAT / SoftMerge / PMF (config.method);
                                        --config.experts.masks=random|map|influence|selfpruner|
@@ -25,7 +27,8 @@
                                        backbone features of an image folder
 
 Configs: --config NAME[:VARIANT] names a packaged config (glyphs_small, pretrain_glyphs,
-      smat_glyphs, pmf_glyphs, softmerge_glyphs, smat_vits16_md, ...; e.g. smat_glyphs:smoke)
+      pretrain_dino_glyphs, smat_glyphs, pmf_glyphs, softmerge_glyphs, smat_vits16_md, ...;
+      e.g. smat_glyphs:smoke)
       or FILE.py[:VARIANT] any config file. reproduce, pretrain and meta-train take any number
       of --config.FIELD=VALUE (or --config.FIELD VALUE) overrides; other commands refuse them.
       Relative paths in configs (backbone.path, data_dir) are from the current directory.
@@ -38,7 +41,7 @@ SPEC: glyphs:id | glyphs:ood | glyphs:<script> | emoji:id | emoji:ood | emoji:<c
       (comma-separated lists allowed);
       folder: and tfds: take a class split for meta-training: 'folder:<path>?split=70/15/15'
       (&seed=N, split=FILE.json, split=cifar_fs for tfds:cifar100, groups=dirs, by=group;
-      README, "Meta-training on your own data")
+      docs/data.md, "Your own images")
 
 Environment: SMAT_DATA_DIR (built datasets, default ~/.cache/smat), SMAT_THREADS=N (pin XLA's
       CPU threads, for bit-identical results across machines), SMAT_COMPILE_CACHE=DIR|off
@@ -460,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
   prepare.add_argument("--max-classes-per-category", type=int, default=None)
   prepare.add_argument("--icon-sets", default=None,
                        help="icons: these Iconify icon sets (prefixes), comma-separated (default: "
-                            "30 monochrome, openly licensed UI sets; README)")
+                            "30 monochrome, openly licensed UI sets; docs/data.md)")
   prepare.add_argument("--min-sets", type=int, default=None,
                        help="icons: sets that must draw a concept for it to be a class (default 6)")
   prepare.add_argument("--max-classes", type=int, default=None,
@@ -490,11 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
   show.set_defaults(run=_cmd_show)
 
   pretrain = commands.add_parser(
-      "pretrain", help="supervised pre-training of a backbone on the meta-training classes",
-      description="Train a ViT with a linear head on every training-class image, resume from "
-                  "<workdir>/checkpoints, export <workdir>/backbone and report zero-shot "
-                  "ProtoNet accuracy (<workdir>/fewshot.json). Add --config.FIELD=VALUE to "
-                  "override config fields.")
+      "pretrain", help="pre-train a backbone: supervised, or DINO on an unlabeled pool",
+      description="config.pretrain.objective=supervised (pretrain_glyphs): train a ViT with a "
+                  "linear or cosine head on every training-class image; =dino "
+                  "(pretrain_dino_glyphs): DINO's self-distillation on the images of "
+                  "config.data.pool, no labels read, the teacher's backbone exported. Both "
+                  "resume from <workdir>/checkpoints, export <workdir>/backbone and report "
+                  "zero-shot ProtoNet accuracy (<workdir>/fewshot.json). Add "
+                  "--config.FIELD=VALUE to override config fields.")
   pretrain.add_argument("--config", default="pretrain_glyphs",
                         help="packaged config name or file, [:variant] (default: "
                              "pretrain_glyphs)")

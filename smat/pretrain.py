@@ -1,14 +1,21 @@
-"""Supervised pre-training of a backbone on the meta-training classes: the stand-in for DINO.
+"""Pre-training of the backbone θ_pre: supervised on the training classes, or DINO on a pool.
 
 Machines that cannot download DINO weights still need a θ_pre with a useful few-shot
-representation. This trains the ViT with a linear head (discarded afterwards) by cross-entropy
-on every image of the training classes of `config.data.train`, then writes
-`<workdir>/backbone/` (usable by every command that takes `--backbone`) and a zero-shot
-ProtoNet report on the test classes.
+representation. `config.pretrain.objective` picks how it is learnt:
+
+* "supervised" (`pretrain_glyphs`): the ViT with a linear or cosine head (discarded afterwards)
+  by cross-entropy on every image of the training classes of `config.data.train`;
+* "dino" (`pretrain_dino_glyphs`): DINO's self-distillation (`smat.dino`) on the images of an
+  unlabeled pool, `config.data.pool` (default: `config.data.train`'s training classes, labels
+  dropped); the teacher's backbone is the θ_pre written, as in DINO.
+
+Either way the run writes `<workdir>/backbone/` (usable by every command that takes
+`--backbone`) and a zero-shot ProtoNet report on the test classes (`<workdir>/fewshot.json`).
 
 Exact resume with nothing but the step: batch `s` is a pure function of (seed, s) (one seeded
 permutation of the images per epoch) and the augmentation key is `fold_in(key, s)`, so a run
-restarted from its latest checkpoint replays the same batches and keys.
+restarted from its latest checkpoint (which holds the whole state: DINO's teacher and centre
+too) replays the same batches and keys.
 
 Resume order: (1) the latest checkpoint in `<workdir>/checkpoints`, (2) a fresh start.
 """
@@ -20,7 +27,8 @@ import json
 import math
 import os
 import time
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -85,6 +93,18 @@ class ClassificationData:
     images = np.stack([resize(self.domains[d].read(i), self.image_size)
                        for d, i in (self.items[j] for j in idx)])
     return images, self.labels[idx]
+
+
+class ImagePool(ClassificationData):
+  """The images of the `split` classes of `domains`, labels dropped: DINO's unlabeled pool.
+  Batches as `ClassificationData`'s (a pure function of (seed, step))."""
+
+  def batch(self, step: int) -> tuple[np.ndarray]:
+    """(images uint8 [B, S, S, 3],) of batch `step`."""
+    return (super().batch(step)[0],)
+
+
+OBJECTIVES = ("supervised", "dino")
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -165,13 +185,13 @@ def init_state(config, num_classes: int, optimizer) -> TrainState:
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def _save(manager, state: TrainState) -> None:
+def _save(manager, state) -> None:
   import orbax.checkpoint as ocp
 
   manager.save(int(state.step), args=ocp.args.StandardSave(state._asdict()), force=True)
 
 
-def _restore(manager, state: TrainState) -> TrainState:
+def _restore(manager, state):
   import orbax.checkpoint as ocp
 
   step = manager.latest_step()
@@ -179,7 +199,62 @@ def _restore(manager, state: TrainState) -> TrainState:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
   restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return TrainState(**restored)
+  return type(state)(**restored)
+
+
+class Objective(NamedTuple):
+  """What the shared loop needs of a pre-training objective."""
+
+  data: Any  # .batch(step) -> tuple of host arrays (the step's arguments after the state)
+  state: Any  # the initial state (a NamedTuple with a `step`)
+  step_fn: Callable  # jitted (state, *batch, key) -> (state, metrics)
+  lr: Callable  # step -> learning rate (logged)
+  backbone: Callable  # state -> the backbone parameters written as θ_pre
+  postfix: dict  # metric -> its short name on the progress bar
+  provenance: dict  # extra fields of backbone.json
+
+
+def supervised_objective(config, vit_config: vit.ViTConfig, replicated) -> Objective:
+  p = config.pretrain
+  domains = load_domains(config.data.train, config.data_dir or None, seed=config.seed)
+  data = ClassificationData(domains, "train", config.data.image_size, p.batch_size, config.seed)
+  optimizer = make_optimizer(config)
+  step_fn = jax.jit(
+      functools.partial(train_step, optimizer=optimizer, vit_config=vit_config,
+                        augmentation=augment_config(config) if p.augment else None,
+                        label_smoothing=p.label_smoothing, cosine_scale=p.cosine_head_scale),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  return Objective(data, init_state(config, data.num_classes, optimizer), step_fn,
+                   lr_schedule(config), lambda state: state.params["backbone"],
+                   {"loss": "loss", "accuracy": "acc"}, {})
+
+
+def dino_objective(config, vit_config: vit.ViTConfig, replicated) -> Objective:
+  """DINO on the unlabeled pool `config.data.pool` (empty: `config.data.train`), images of its
+  `config.data.pool_split` classes; no label is read."""
+  from smat import dino
+
+  if "dino" not in config.pretrain:
+    raise SmatError("config field pretrain.objective='dino' needs the pretrain.dino fields; "
+                    "start from the packaged config pretrain_dino_glyphs")
+  dino.check_config(config, vit_config)
+  p = config.pretrain
+  pool = config.data.get("pool", "") or config.data.train
+  split = config.data.get("pool_split", "train")
+  domains = load_domains(pool, config.data_dir or None, seed=config.seed)
+  data = ImagePool(domains, split, config.data.image_size, p.batch_size, config.seed)
+  optimizer = dino.optimizer_from(config)
+  step_fn = jax.jit(
+      functools.partial(dino.train_step, optimizer=optimizer, vit_config=vit_config,
+                        crops=dino.multicrop_config(config), hyper=dino.hyper(config)),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  state = dino.init_state(jax.random.key(config.seed), vit_config, dino.head_config(config),
+                          optimizer)
+  return Objective(data, state, step_fn, dino.lr_schedule(config),
+                   lambda state: state.teacher["backbone"],
+                   {"loss": "loss", "teacher_entropy": "H_t"},
+                   {"objective": "dino", "pool": pool, "pool_split": split,
+                    "pool_images": len(data)})
 
 
 def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -194,21 +269,19 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
 
   runs.prepare_workdir(workdir)  # a file or read-only workdir fails before any work
   p = config.pretrain
-  domains = load_domains(config.data.train, config.data_dir or None, seed=config.seed)
-  data = ClassificationData(domains, "train", config.data.image_size, p.batch_size, config.seed)
+  objective = p.get("objective", "supervised")
+  if objective not in OBJECTIVES:
+    raise SmatError(f"config field pretrain.objective={objective!r}: expected one of "
+                    f"{', '.join(OBJECTIVES)}")
   vit_config = backbone_config(config)
-  optimizer = make_optimizer(config)
-
   mesh = training.data_mesh()
   training.check_divisible(p.batch_size, "pretrain.batch_size", mesh)
   replicated, sharded = training.shardings(mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, optimizer=optimizer, vit_config=vit_config,
-                        augmentation=augment_config(config) if p.augment else None,
-                        label_smoothing=p.label_smoothing, cosine_scale=p.cosine_head_scale),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+  make = supervised_objective if objective == "supervised" else dino_objective
+  run = make(config, vit_config, replicated)
+  step_fn, data = run.step_fn, run.data
 
-  state = training.replicate(init_state(config, data.num_classes, optimizer), replicated)
+  state = training.replicate(run.state, replicated)
   manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                         p.keep_checkpoints)
   state = _restore(manager, state)
@@ -216,15 +289,16 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   end = p.steps if stop_after is None else min(stop_after, p.steps)
   key = jax.random.key(config.seed + 1)
   log = training.MetricsLog(workdir, resume_step=start)
-  bar = tqdm(total=p.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
+  bar = tqdm(total=p.steps, initial=start, desc=f"pretrain ({objective})", unit="step",
+             disable=not progress)
   last_time, last_step = time.perf_counter(), start
   try:
     batches = grain.MapDataset.range(start, end).map(data.batch).to_iter_dataset(
         grain.ReadOptions(num_threads=config.data.loader_threads,
                           prefetch_buffer_size=config.data.prefetch))
     for step, batch in zip(range(start, end), batches):
-      images, labels = training.local_slice(batch, sharded, p.batch_size)
-      state, metrics = step_fn(state, images, labels, key)
+      arrays = training.local_slice(batch, sharded, p.batch_size)
+      state, metrics = step_fn(state, *arrays, key)
       done = step + 1
       if done % p.log_every == 0 or done == end or done % p.checkpoint_every == 0:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -235,10 +309,10 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
                           f"pretrain.lr or raise pretrain.warmup_steps and run again.")
         now = time.perf_counter()
         metrics["images_per_s"] = (done - last_step) * p.batch_size / max(now - last_time, 1e-9)
-        metrics["lr"] = float(lr_schedule(config)(done))
+        metrics["lr"] = float(run.lr(done))
         last_time, last_step = now, done
         log.write(done, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        bar.set_postfix({short: f"{metrics[name]:.3f}" for name, short in run.postfix.items()})
         if done % p.checkpoint_every == 0 or done == end:
           _save(manager, state)
       bar.update(1)
@@ -248,13 +322,15 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
     log.close()
   if int(state.step) < p.steps:
     return {"stopped_at": int(state.step)}
-  return finish(config, workdir, state.params["backbone"], vit_config, progress)
+  return finish(config, workdir, run.backbone(state), vit_config, progress, **run.provenance)
 
 
-def finish(config, workdir: str, params, vit_config: vit.ViTConfig, progress: bool) -> dict:
+def finish(config, workdir: str, params, vit_config: vit.ViTConfig, progress: bool,
+           **provenance) -> dict:
   """Export `<workdir>/backbone` and write the zero-shot report `<workdir>/fewshot.json`."""
   checkpoint.save(os.path.join(workdir, "backbone"), params, vit_config.replace(dtype="float32"),
-                  source="smat pretrain", train=config.data.train, steps=config.pretrain.steps)
+                  source="smat pretrain", train=config.data.train, steps=config.pretrain.steps,
+                  **provenance)
   e = config.eval
   groups = {spec: load_domains(spec, config.data_dir or None, seed=config.seed)
             for spec in e.domains.split(",")}

@@ -6,7 +6,7 @@ Writes runs/demo/pretrain/backbone (θ_pre for every later command; `smat reprod
 same one, and the glyph meta-training configs read it from there), TensorBoard scalars,
 metrics.jsonl and fewshot.json: zero-shot ProtoNet accuracy (5-way 1-shot and 5-shot, 600 episodes, 95% CI) on
 the glyphs:id test classes and on the held-out glyphs:ood scripts.
-Expected (2 CPU cores): see README "Pre-trained backbone" for the measured time and accuracies.
+Expected (2 CPU cores): see docs/results.md, "The pre-trained backbone", for the measured time and accuracies.
 
 `pretrain_glyphs:smoke` is the same run shrunk to seconds (tests, CI).
 """
@@ -31,6 +31,7 @@ def get_config(arg=None):
   config.backbone.remat = False
 
   config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.objective = "supervised"  # or "dino" (self-supervised: pretrain_dino_glyphs)
   config.pretrain.steps = 900
   config.pretrain.batch_size = 128
   config.pretrain.lr = 2e-3

@@ -36,9 +36,12 @@ def normalize(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Ar
   return (images - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def random_resized_crop(key: jax.Array, image: jax.Array, scale, ratio) -> jax.Array:
-  """Crop a random box (area fraction ~ U(scale), log aspect ~ U(log ratio)), resize back."""
+def random_resized_crop(key: jax.Array, image: jax.Array, scale, ratio,
+                        out_size: int | None = None) -> jax.Array:
+  """Crop a random box (area fraction ~ U(scale), log aspect ~ U(log ratio)), resize it to
+  `out_size` × `out_size` (default: back to the image's size; DINO's local crops are smaller)."""
   size = image.shape[0]
+  out = size if out_size is None else out_size
   k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
   area = jax.random.uniform(k_area, minval=scale[0], maxval=scale[1])
   log_r = jax.random.uniform(k_ratio, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
@@ -47,10 +50,10 @@ def random_resized_crop(key: jax.Array, image: jax.Array, scale, ratio) -> jax.A
   height = jnp.clip(jnp.sqrt(area / aspect), 1.0 / size, 1.0) * size
   top = jax.random.uniform(k_y) * (size - height)
   left = jax.random.uniform(k_x) * (size - width)
-  zoom = jnp.array([size / height, size / width])
+  zoom = jnp.array([out / height, out / width])
   return jax.image.scale_and_translate(
-      image, image.shape, (0, 1), zoom, -jnp.array([top, left]) * zoom, method="linear",
-      antialias=True)
+      image, (out, out) + image.shape[2:], (0, 1), zoom, -jnp.array([top, left]) * zoom,
+      method="linear", antialias=True)
 
 
 def color_jitter(key: jax.Array, image: jax.Array, brightness: float, contrast: float,
