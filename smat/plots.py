@@ -18,9 +18,9 @@ import numpy as np
 
 from smat.errors import require
 from smat.meta import experts, gates, router, tasks
+from smat.models import layout
 
-PARAM_TYPES = ("attn/query", "attn/key", "attn/value", "attn/proj", "fc1", "fc2", "norm1",
-               "norm2")
+PARAM_TYPES = layout.BLOCK_KINDS  # the rows of the mask-density figure, in its order
 
 
 def density_by_layer(gate_logits, theta_pre, expected: bool = False) -> dict[str, np.ndarray]:
@@ -43,11 +43,8 @@ def kept_by_layer(kept_entries, theta_pre) -> dict[str, np.ndarray]:
   kept, total = {}, {}
   flat_gates = jax.tree_util.tree_flatten_with_path(kept_entries)[0]
   for (path, z), p in zip(flat_gates, jax.tree.leaves(theta_pre)):
-    name = experts.path_name(path)
-    if name.startswith("blocks/"):
-      kind, per_layer = name[len("blocks/"):].rsplit("/", 1)[0], p.shape[0]
-    else:
-      kind, per_layer = ("embeddings" if experts.is_embedding(name) else "final norm"), 1
+    name = layout.path_name(path)
+    kind, per_layer = layout.kind(name), layout.layer_count(name, p.shape)
     size = np.prod(p.shape) / per_layer
     if experts.has_gates(z):
       coverage = np.prod(p.shape) / z[0].size
@@ -152,11 +149,9 @@ def plot_tradeoff(points: list[dict], path: str) -> None:
 def block_entries(theta_pre) -> dict[str, int]:
   """Backbone entries per block of each parameter type (kernel and bias together)."""
   sizes = {}
-  for path, p in jax.tree_util.tree_flatten_with_path(theta_pre)[0]:
-    name = experts.path_name(path)
-    if name.startswith("blocks/"):
-      kind = name[len("blocks/"):].rsplit("/", 1)[0]
-      sizes[kind] = sizes.get(kind, 0) + int(np.prod(p.shape[1:]))
+  for name, p in layout.named_leaves(theta_pre):
+    if layout.is_block(name):
+      sizes[layout.kind(name)] = sizes.get(layout.kind(name), 0) + int(np.prod(p.shape[1:]))
   return sizes
 
 
@@ -187,7 +182,7 @@ def plot_density_comparison(panels: dict[str, dict[str, dict[str, float]]], path
   target sparsity): for each parameter type, one bar per source, a source keeping its colour
   in every panel."""
   sources = list(dict.fromkeys(name for panel in panels.values() for name in panel))
-  kinds = [k for k in (*PARAM_TYPES, "embeddings", "final norm")
+  kinds = [k for k in (*PARAM_TYPES, layout.EMBEDDING_KIND, layout.FINAL_NORM_KIND)
            if any(k in d for panel in panels.values() for d in panel.values())]
   plt, fig = _figure(9.0, 3.0 * len(panels) + 0.6)
   axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, sharey=True))

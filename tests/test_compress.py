@@ -8,7 +8,7 @@ import pytest
 
 from smat import fewshot
 from smat.data import episodes as ep
-from smat.models import vit
+from smat.models import layout, vit
 from smat.sparsity import compress
 
 CFG = vit.ViTConfig(patch_size=4, width=16, depth=3, num_heads=4, mlp_dim=32, image_size=16)
@@ -68,6 +68,20 @@ def test_pruned_model_computes_what_the_zeroed_model_computes():
   per_head = 3 * (16 * dh + dh) + dh * 16  # q, k, v columns and biases; proj rows
   per_channel = 16 + 1 + 16  # fc1 column and bias; fc2 row
   assert removed == (~heads).sum() * per_head + (~channels).sum() * per_channel
+
+
+def test_pruned_layers_have_the_backbone_s_layer_tree():
+  """A pruned layer is `layout.layer`'s tree with narrower leaves: the pure block reads both."""
+  params = theta()
+  heads, channels = np.ones((3, 4), bool), np.ones((3, 32), bool)
+  heads[0, 1] = channels[2, :5] = False
+  small = compress.prune(params, heads, channels, CFG)
+  assert set(small) == set(params)
+  for l, pruned in enumerate(small[layout.BLOCKS]):
+    whole = layout.layer(params[layout.BLOCKS], l)
+    assert jax.tree.structure(pruned) == jax.tree.structure(whole)
+  assert small["blocks"][0]["attn"]["query"]["kernel"].shape == (16, 12)
+  assert small["blocks"][2]["fc2"]["kernel"].shape == (27, 16)
 
 
 def test_unit_importance_is_the_derivative_of_the_support_loss_along_the_unit_scale():

@@ -1,5 +1,6 @@
 """The ViT backbone: parameter counts, timm/HF import against reference outputs, position-embedding
-interpolation, weight-file errors, numerics switches, checkpoints and `smat embed`."""
+interpolation, weight-file errors, numerics switches, checkpoints, `smat embed`, and the layout's
+names and pure pieces against the Flax module."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from PIL import Image
 
 from smat import cli, embed
 from smat.errors import DataError, SmatError
-from smat.models import checkpoint, convert, vit
+from smat.models import checkpoint, convert, layout, vit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vit"
 EPS = {"timm": 1e-6, "hf": 1e-12}
@@ -510,3 +511,44 @@ def test_export_of_changed_weights_reimports_to_the_same_features(timm):
   images = ref["images_32"]
   np.testing.assert_array_equal(features(again, images, config), features(moved, images, config))
   assert max_diff(features(moved, images, config), ref["features_32"]) > 1e-3  # really changed
+
+
+# 9. The layout: names and kinds of the Flax tree, and the pure pieces against its forward.
+
+@pytest.mark.parametrize("arch", [{}, {"layer_scale": True, "registers": 4}])
+def test_layout_names_every_leaf_of_the_flax_tree(arch):
+  config = fixture_config("timm", **arch)
+  named = layout.named_leaves(vit.param_shapes(config))
+  assert layout.depth(vit.param_shapes(config)) == config.depth
+  kinds = set(layout.BLOCK_KINDS) | (set(layout.LAYER_SCALES) if config.layer_scale else set())
+  assert {layout.kind(n) for n, _ in named if layout.is_block(n)} == kinds
+  for name, leaf in named:
+    assert layout.layer_count(name, leaf.shape) == (config.depth if layout.is_block(name) else 1)
+    assert layout.is_block(name) == (layout.block_path(layout.in_block(name)) == name)
+    if not layout.is_block(name):
+      assert layout.kind(name) == (layout.FINAL_NORM_KIND if name.startswith("norm/")
+                                   else layout.EMBEDDING_KIND), name
+  assert layout.block_path(layout.ATTN, layout.PROJ, "kernel") in dict(named)
+  assert (layout.REG_TOKEN in dict(named)) == bool(config.registers)
+
+
+@pytest.mark.parametrize("size", [32, 24])
+def test_pure_pieces_compute_the_flax_forward(timm, size):
+  """embed → block per layer → features is `vit.forward` (resampled position embeddings at
+  24 px); the per-node write hooks sum to the merged branch outputs."""
+  params, config, ref = timm
+  images = vit.preprocess(jnp.asarray(ref[f"images_{size}"]), config)
+  eps, dh = config.layer_norm_eps, config.width // config.num_heads
+  x = layout.embed(params, images)
+  for l in range(config.depth):
+    x = layout.block(x, layout.layer(params[layout.BLOCKS], l), eps, dh)
+  flax_features = features(params, ref[f"images_{size}"], config)
+  np.testing.assert_allclose(layout.features(x, params, eps), flax_features, atol=1e-5)
+  p = layout.layer(params[layout.BLOCKS], 0)
+  y = layout.layer_norm(x, p[layout.NORM1], eps)
+  heads = layout.attention((y[None],) * 3, p[layout.ATTN], dh, layout.per_node)
+  assert heads.shape == (config.num_heads, *x.shape)
+  np.testing.assert_allclose(heads.sum(0) + p[layout.ATTN][layout.PROJ]["bias"],
+                             layout.attention((y, y, y), p[layout.ATTN], dh), atol=1e-5)
+  groups = layout.mlp(jnp.broadcast_to(y, (4, *y.shape)), p, config.mlp_dim // 4, layout.per_node)
+  np.testing.assert_allclose(groups.sum(0) + p[layout.FC2]["bias"], layout.mlp(y, p), atol=1e-5)

@@ -19,13 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from smat.meta import gates as hc
-from smat.models.checkpoint import path_name  # 'blocks/attn/query/kernel' of a tree path
-
-EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
-
-
-def is_embedding(name: str) -> bool:
-  return name.split("/")[0] in EMBEDDINGS
+from smat.models import layout
+# The backbone's leaf names, read here by the mask strategies and the training loop.
+from smat.models.layout import EMBEDDINGS, is_embedding, path_name
 
 
 def gate_shape(name: str, shape: tuple[int, ...], structured: bool,
@@ -33,8 +29,8 @@ def gate_shape(name: str, shape: tuple[int, ...], structured: bool,
   """Shape of one expert's gates for the backbone leaf `name` (None: no gates, mask 0)."""
   if freeze_embeddings and is_embedding(name):
     return None
-  if structured and name.endswith("kernel"):
-    if name.startswith("blocks/"):  # [L, in, out]: one gate per input column
+  if structured and layout.is_kernel(name):
+    if layout.is_block(name):  # [L, in, out]: one gate per input column
       return shape[:-1] + (1,)
     if len(shape) == 4:  # patch convolution [p, p, 3, D]: one gate per output channel
       return (1, 1, 1, shape[-1])

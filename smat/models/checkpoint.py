@@ -15,6 +15,7 @@ import numpy as np
 
 from smat.errors import SmatError
 from smat.models import convert, vit
+from smat.models.layout import path_name  # also read from here by `smat.runs`
 
 _META = "backbone.json"
 
@@ -36,12 +37,6 @@ def check_writable(directory: str, force: bool = False) -> None:
   parent = os.path.dirname(os.path.abspath(directory))
   if not os.access(parent if os.path.isdir(parent) else "/", os.W_OK):
     raise SmatError(f"--out {directory}: {parent} is not writable; pick another path")
-
-
-def path_name(path) -> str:
-  """'blocks/attn/query/kernel' for a pytree key path (jax.tree_util.keystr's `simple` and
-  `separator` arguments are newer than the JAX versions supported)."""
-  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
 def check_weights(params: dict, where: str) -> None:

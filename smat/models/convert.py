@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from smat.errors import SmatError
-from smat.models import vit
+from smat.models import layout, vit
 
 FORMATS = ("timm", "hf")
 DEFAULT_LAYER_NORM_EPS = {"timm": 1e-6, "hf": 1e-12}
@@ -139,8 +139,8 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
                        f"layout (timm's vit_*_patch14_dinov2 and *_reg4_dinov2, or DINOv2's own "
                        f"state dict without registers): use --format timm")
   for path, shape_dtype in expected.items():
-    if path.startswith("blocks/"):
-      key, fn = block[path.removeprefix("blocks/")]
+    if layout.is_block(path):
+      key, fn = block[layout.in_block(path)]
       keys = [key.format(i=i) for i in range(config.depth)]
     else:
       key, fn = top[path]
@@ -155,12 +155,12 @@ def convert(tensors: dict[str, np.ndarray], fmt: str, config: vit.ViTConfig,
       mistyped.extend(f"{k} {np.asarray(tensors[k]).dtype}" for k in integral)
       continue
     values = [fn(np.asarray(tensors[k], np.float32)) for k in keys]
-    want = tuple(shape_dtype.shape[1:]) if path.startswith("blocks/") else tuple(shape_dtype.shape)
+    want = tuple(shape_dtype.shape[1:]) if layout.is_block(path) else tuple(shape_dtype.shape)
     wrong = [(k, v.shape) for k, v in zip(keys, values) if v.shape != want]
     for k, shape in wrong:
       misshaped.append(f"{k} {tuple(tensors[k].shape)} → {path} {shape}, expected {want}")
     if not wrong:
-      _set(params, path, np.stack(values) if path.startswith("blocks/") else values[0])
+      _set(params, path, np.stack(values) if layout.is_block(path) else values[0])
   unexpected = sorted(k for k in tensors if k not in used and not _IGNORED[fmt].match(k))
   problems = []
   if missing:
@@ -189,16 +189,16 @@ def export(params: dict, fmt: str = "timm") -> dict[str, np.ndarray]:
   if fmt not in FORMATS:
     raise WeightsError(f"unknown weight format {fmt!r}; use one of {', '.join(FORMATS)}")
   flat = {path: np.asarray(value, np.float32) for path, value in _flatten(params)}
-  depth = flat["blocks/norm1/scale"].shape[0]
+  depth = flat[layout.block_path(layout.NORM1, "scale")].shape[0]
   out, fused = {}, {}
   for path, (key, fn) in _top_table(fmt).items():
     if path in flat:  # reg_token: DINOv2 with registers only
       out[key] = _inverse(fn)(flat[path])
   for path, (key, fn) in _block_table(fmt).items():
-    if "blocks/" + path not in flat:  # LayerScale, in DINOv2's backbones only
+    if layout.block_path(path) not in flat:  # LayerScale, in DINOv2's backbones only
       continue
     for i in range(depth):
-      value = _inverse(fn)(flat["blocks/" + path][i])
+      value = _inverse(fn)(flat[layout.block_path(path)][i])
       if hasattr(fn, "qkv_part"):
         fused.setdefault(key.format(i=i), [None] * 3)[fn.qkv_part] = value
       else:

@@ -5,7 +5,8 @@ Architecture (DINO / timm `VisionTransformer`, no classifier head): 16×16 patch
 pre-LN blocks (LayerNorm → multi-head self-attention with biased query/key/value → residual;
 LayerNorm → MLP with exact GELU → residual), a final LayerNorm; the feature is the CLS token.
 
-Parameters are a plain pytree with readable names, e.g. `blocks/attn/query/kernel` [depth, D, D]:
+Parameters are a plain pytree with readable names, e.g. `blocks/attn/query/kernel` [depth, D, D]
+(their names, kinds and the block maths as pure functions: `smat.models.layout`):
 the blocks are stacked along a leading layer axis (one `nn.scan`), so per-layer analyses index
 axis 0 and a config switch trades compile time for speed (`unroll_blocks`). `forward(params, images, config)`
 is a pure function of the parameters, so SMAT evaluates θ_pre + m ⊙ δ by passing that tree.
@@ -13,18 +14,22 @@ is a pure function of the parameters, so SMAT evaluates θ_pre + m ⊙ δ by pas
 When images have another size than the one the position embeddings were trained for, the patch
 grid of the embeddings is resampled on the fly exactly as DINO does (bicubic, a = −0.75,
 `scale_factor = (n + 0.1) / N`), so a delta on the position embeddings stays defined on the
-original grid, as in the paper (224-px weights run at 128 px).
+original grid, as in the paper (224-px weights run at 128 px; `layout.resample_pos_embed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from smat.models import layout
+# Part of this module's interface: DINO's position-embedding resampling, and the refusal of the
+# functional forwards (`layout`) to compute DINOv2's blocks.
+from smat.models.layout import cubic_resize_matrix, require_plain_blocks, resample_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,46 +118,6 @@ def get_config(arch: str, **overrides) -> ViTConfig:
   return PRESETS[arch].replace(**overrides)
 
 
-def cubic_resize_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
-  """[out, in] weights of PyTorch's bicubic resize (a = −0.75, align_corners=False).
-
-  `scale` is the factor PyTorch maps coordinates with (source = (dst + ½) / scale − ½); taps
-  beyond the border are clamped to the edge, as PyTorch does.
-  """
-  a = -0.75
-
-  def near(x):  # |x| ≤ 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-  weights = np.zeros((out_size, in_size), np.float64)
-  for dst in range(out_size):
-    src = (dst + 0.5) / scale - 0.5
-    base = math.floor(src)
-    t = src - base
-    taps = (far(t + 1), near(t), near(1 - t), far(2 - t))
-    for offset, w in zip(range(-1, 3), taps):
-      weights[dst, min(max(base + offset, 0), in_size - 1)] += w
-  return weights.astype(np.float32)
-
-
-def resample_pos_embed(pos_embed: jax.Array, grid_h: int, grid_w: int,
-                       prefix: int = 1) -> jax.Array:
-  """DINO's `interpolate_pos_encoding`: [1, prefix + N², D] → [1, prefix + grid_h·grid_w, D];
-  the `prefix` rows (CLS's; none with registers) are kept as they are."""
-  n = math.isqrt(pos_embed.shape[1] - prefix)
-  if (grid_h, grid_w) == (n, n):
-    return pos_embed
-  rows = jnp.asarray(cubic_resize_matrix(n, grid_h, (grid_h + 0.1) / n))
-  cols = jnp.asarray(cubic_resize_matrix(n, grid_w, (grid_w + 0.1) / n))
-  patches = pos_embed[0, prefix:].reshape(n, n, -1)
-  resized = jnp.einsum("hi,ijd,wj->hwd", rows, patches, cols,
-                       precision=jax.lax.Precision.HIGHEST)
-  return jnp.concatenate([pos_embed[:, :prefix], resized.reshape(1, grid_h * grid_w, -1)], axis=1)
-
-
 def _dense(config: ViTConfig, width: int, name: str) -> nn.Dense:
   return nn.Dense(width, dtype=jnp.dtype(config.dtype), name=name,
                   kernel_init=nn.initializers.xavier_uniform())
@@ -168,15 +133,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dtype = jnp.dtype(c.dtype)
     head_dim = c.width // c.num_heads
     dense = lambda name: _dense(c, c.width, name)
     split = lambda t: t.reshape(*t.shape[:-1], c.num_heads, head_dim)
-    q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
-    return dense("proj")(out)
+    q, k, v = (split(dense(name)(x)) for name in layout.QKV)
+    return dense(layout.PROJ)(layout.attend(q, k, v).reshape(x.shape))
 
 
 class LayerScale(nn.Module):
@@ -199,10 +160,11 @@ class Block(nn.Module):
     c = self.config
     scale = ((lambda name: LayerScale(c.width, name=name)) if c.layer_scale
              else (lambda name: lambda y: y))
-    x = x + scale("ls1")(Attention(c, name="attn")(_norm(c, "norm1")(x)))
-    y = _dense(c, c.mlp_dim, "fc1")(_norm(c, "norm2")(x))
-    y = _dense(c, c.width, "fc2")(nn.gelu(y, approximate=False))
-    return x + scale("ls2")(y), None
+    ls1, ls2 = layout.LAYER_SCALES
+    x = x + scale(ls1)(Attention(c, name=layout.ATTN)(_norm(c, layout.NORM1)(x)))
+    y = _dense(c, c.mlp_dim, layout.FC1)(_norm(c, layout.NORM2)(x))
+    y = _dense(c, c.width, layout.FC2)(layout.gelu(y))
+    return x + scale(ls2)(y), None
 
 
 class VisionTransformer(nn.Module):
@@ -214,40 +176,21 @@ class VisionTransformer(nn.Module):
   def __call__(self, images):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    x = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID",
-                dtype=dtype, name="patch_embed")(images.astype(dtype))
-    batch, grid_h, grid_w, _ = x.shape
-    x = x.reshape(batch, grid_h * grid_w, c.width)
+    patches = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=c.patch_size,
+                      padding="VALID", dtype=dtype, name=layout.PATCH_EMBED)(images.astype(dtype))
     init = nn.initializers.normal(0.02)
-    cls = self.param("cls_token", init, (1, 1, c.width))
-    cls = jnp.broadcast_to(cls, (batch, 1, c.width)).astype(dtype)
-    if c.registers:  # timm's no_embed_class: add the patches' positions, then prepend
-      pos = self.param("pos_embed", init, (1, c.grid ** 2, c.width))
-      x = x + resample_pos_embed(pos, grid_h, grid_w, prefix=0).astype(dtype)
-      registers = self.param("reg_token", init, (1, c.registers, c.width))
-      registers = jnp.broadcast_to(registers, (batch, c.registers, c.width)).astype(dtype)
-      x = jnp.concatenate([cls, registers, x], axis=1)
-    else:
-      pos = self.param("pos_embed", init, (1, 1 + c.grid ** 2, c.width))
-      x = jnp.concatenate([cls, x], axis=1)
-      x = x + resample_pos_embed(pos, grid_h, grid_w).astype(dtype)
+    cls = self.param(layout.CLS_TOKEN, init, (1, 1, c.width))
+    pos = self.param(layout.POS_EMBED, init, (1, (0 if c.registers else 1) + c.grid ** 2, c.width))
+    registers = (self.param(layout.REG_TOKEN, init, (1, c.registers, c.width)) if c.registers
+                 else None)
+    x = layout.tokens(patches, cls, pos, registers, dtype)
     block = nn.remat(Block) if c.remat else Block
     blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
                      length=c.depth, unroll=c.depth if c.unroll_blocks else 1)
-    x, _ = blocks(c, name="blocks")(x, None)
-    x = _norm(c, "norm")(x)
+    x, _ = blocks(c, name=layout.BLOCKS)(x, None)
+    x = _norm(c, layout.FINAL_NORM)(x)
     return x[:, 0].astype(jnp.float32)
-
-
-def require_plain_blocks(config: ViTConfig, what: str) -> None:
-  """The re-implemented forwards of circuits and compression know DINO's blocks and tokens,
-  not LayerScale's or registers': refuse rather than compute a different network."""
-  if config.layer_scale or config.registers:
-    from smat.errors import SmatError
-
-    raise SmatError(f"{what} supports DINO's ViT, not DINOv2's LayerScale or registers; "
-                    f"use a learned or another hand-designed mask strategy")
 
 
 def init(config: ViTConfig, key: jax.Array) -> dict:

@@ -16,22 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smat.meta import experts
+from smat.models import layout
 from smat.sparsity import common
 
 
 def group_ids(params, exclude: tuple[str, ...] = ()) -> tuple[list[np.ndarray], int]:
   """(per leaf: int array of its entries' group, number of groups). Block leaves [L, ...] put
   slice l in group l; every other leaf is in group L. Excluded entries get group −1."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  depth = max([p.shape[0] for path, p in flat if experts.path_name(path).startswith("blocks/")],
-              default=0)
+  depth = layout.depth(params)
   ids = []
-  for (path, p), ok in zip(flat, common.eligible(params, exclude)):
-    name = experts.path_name(path)
+  for (name, p), ok in zip(layout.named_leaves(params), common.eligible(params, exclude)):
     if not ok:
       ids.append(np.full(p.shape, -1))
-    elif name.startswith("blocks/"):
+    elif layout.is_block(name):
       ids.append(np.broadcast_to(np.arange(depth).reshape((-1,) + (1,) * (p.ndim - 1)), p.shape))
     else:
       ids.append(np.full(p.shape, depth))

@@ -29,14 +29,13 @@ calls it every K steps with each expert's α-weighted mean of its meta-batch's e
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from smat import protonet
-from smat.models import vit
+from smat.models import layout, vit
 from smat.sparsity import common
 
 KINDS = ("q", "k", "v", "mlp")  # downstream ends; upstream kinds are "out" (heads) and "mlp"
@@ -56,57 +55,25 @@ def zero_inputs(config: vit.ViTConfig, batch: int, tokens: int, group_size: int)
   return {**heads, "mlp": jnp.zeros(shape(num_groups(config, group_size)))}
 
 
-def layer_norm(x, p, eps):
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def embed_tokens(params, images, config):
-  """Patch, CLS and (resampled) position embeddings: the stream entering block 0."""
-  x = jax.lax.conv_general_dilated(images, params["patch_embed"]["kernel"],
-                                   (config.patch_size,) * 2, "VALID",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  x = x + params["patch_embed"]["bias"]
-  batch, grid_h, grid_w, width = x.shape
-  x = x.reshape(batch, grid_h * grid_w, width)
-  cls = jnp.broadcast_to(params["cls_token"], (batch, 1, width))
-  return jnp.concatenate([cls, x], 1) + vit.resample_pos_embed(params["pos_embed"], grid_h,
-                                                               grid_w)
-
-
 def node_forward(params, images, config: vit.ViTConfig, inputs: dict, group_size: int):
   """(CLS features [B, D], node outputs {out: [L, H, B, T, D], mlp: [L, G, B, T, D]}) of
   `vit.forward` (float32), with `inputs[kind][l, n]` added to the stream node n reads."""
   vit.require_plain_blocks(config, "circuit masks")
-  heads, width, eps = config.num_heads, config.width, config.layer_norm_eps
-  dh, groups = width // heads, num_groups(config, group_size)
-  x = embed_tokens(params, images, config)
+  eps, head_dim = config.layer_norm_eps, config.width // config.num_heads
+  num_groups(config, group_size)  # raises unless the groups tile the MLP
+  x = layout.embed(params, images)
   outs, mlps = [], []
   for l in range(config.depth):
-    p = jax.tree.map(lambda a: a[l], params["blocks"])
-    read = lambda kind: layer_norm(x[None] + inputs[kind][l], p["norm1"], eps)  # [H, B, T, D]
-
-    def project(kind, name):
-      w = p["attn"][name]["kernel"].reshape(width, heads, dh)
-      return (jnp.einsum("hbtd,dhe->hbte", read(kind), w)
-              + p["attn"][name]["bias"].reshape(heads, 1, 1, dh))
-
-    q, k, v = project("q", "query"), project("k", "key"), project("v", "value")
-    weights = jax.nn.softmax(jnp.einsum("hbqe,hbke->hbqk", q, k) / math.sqrt(dh), axis=-1)
-    o = jnp.einsum("hbqk,hbke->hbqe", weights, v)
-    out = jnp.einsum("hbqe,hed->hbqd", o, p["attn"]["proj"]["kernel"].reshape(heads, dh, width))
-    x = x + out.sum(0) + p["attn"]["proj"]["bias"]
-    y = layer_norm(x[None] + inputs["mlp"][l], p["norm2"], eps)  # [G, B, T, D]
-    w1 = p["fc1"]["kernel"].reshape(width, groups, group_size)
-    u = jnp.einsum("gbtd,dgs->gbts", y, w1) + p["fc1"]["bias"].reshape(groups, 1, 1, group_size)
-    w2 = p["fc2"]["kernel"].reshape(groups, group_size, width)
-    mlp = jnp.einsum("gbts,gsd->gbtd", jax.nn.gelu(u, approximate=False), w2)
-    x = x + mlp.sum(0) + p["fc2"]["bias"]
+    p = layout.layer(params[layout.BLOCKS], l)
+    read = lambda kind, norm: layout.layer_norm(x[None] + inputs[kind][l], p[norm], eps)
+    reads = tuple(read(kind, layout.NORM1) for kind in ("q", "k", "v"))  # [H, B, T, D] each
+    out = layout.attention(reads, p[layout.ATTN], head_dim, layout.per_node)
+    x = x + out.sum(0) + p[layout.ATTN][layout.PROJ]["bias"]
+    mlp = layout.mlp(read("mlp", layout.NORM2), p, group_size, layout.per_node)
+    x = x + mlp.sum(0) + p[layout.FC2]["bias"]
     outs.append(out)
     mlps.append(mlp)
-  x = layer_norm(x, params["norm"], eps)
-  return x[:, 0], {"out": jnp.stack(outs), "mlp": jnp.stack(mlps)}
+  return layout.features(x, params, eps), {"out": jnp.stack(outs), "mlp": jnp.stack(mlps)}
 
 
 def support_metric(params, episode, config: vit.ViTConfig, inputs: dict, group_size: int,
@@ -168,27 +135,27 @@ def node_slices(node, config, group_size) -> list[tuple[str, tuple]]:
   dh = config.width // config.num_heads
   heads = slice(n * dh, (n + 1) * dh)
   group = slice(n * group_size, (n + 1) * group_size)
+  every = slice(None)
   if kind == "out":
-    return [("blocks/attn/proj/kernel", (l, heads, slice(None)))]
+    return [(layout.block_path(layout.ATTN, layout.PROJ, "kernel"), (l, heads, every))]
   if kind in ("q", "k", "v"):
-    name = {"q": "query", "k": "key", "v": "value"}[kind]
-    return [(f"blocks/attn/{name}/kernel", (l, slice(None), heads)),
-            (f"blocks/attn/{name}/bias", (l, heads))]
-  return [("blocks/fc1/kernel", (l, slice(None), group)), ("blocks/fc1/bias", (l, group)),
-          ("blocks/fc2/kernel", (l, group, slice(None)))]
+    name = layout.QKV["qkv".index(kind)]
+    return [(layout.block_path(layout.ATTN, name, "kernel"), (l, every, heads)),
+            (layout.block_path(layout.ATTN, name, "bias"), (l, heads))]
+  return [(layout.block_path(layout.FC1, "kernel"), (l, every, group)),
+          (layout.block_path(layout.FC1, "bias"), (l, group)),
+          (layout.block_path(layout.FC2, "kernel"), (l, group, every))]
 
 
 def _node_layout(params, config, group_size):
   """Static arrays for `circuit_mask`: per leaf, the node id of every entry (−1: none) and
   its position inside that node's region in flat order; the node keys; the node sizes."""
-  from smat.meta import experts
-
   keys = list(dict.fromkeys(upstream_nodes(config, group_size)
                             + downstream_nodes(config, group_size)))
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  names = [experts.path_name(path) for path, _ in flat]
-  node = {n: np.full(p.shape, -1, np.int32) for n, (_, p) in zip(names, flat)}
-  position = {n: np.zeros(p.shape, np.int32) for n, (_, p) in zip(names, flat)}
+  flat = layout.named_leaves(params)
+  names = [n for n, _ in flat]
+  node = {n: np.full(p.shape, -1, np.int32) for n, p in flat}
+  position = {n: np.zeros(p.shape, np.int32) for n, p in flat}
   sizes = np.zeros(len(keys), np.int64)
   for i, key in enumerate(keys):
     for name, index in node_slices(key, config, group_size):

@@ -21,7 +21,6 @@ target sparsity (layers are the same size).
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -29,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from smat import fewshot, protonet
-from smat.models import vit
-from smat.sparsity.circuit import embed_tokens, layer_norm
+from smat.models import layout, vit
+from smat.models.layout import ATTN, BLOCKS, FC1, FC2, NORM1, NORM2, PROJ, QKV
 
 
 def support_loss(theta, episode, config: vit.ViTConfig):
@@ -45,11 +44,11 @@ def support_loss(theta, episode, config: vit.ViTConfig):
 
 def _unit_scores(theta, episode, config: vit.ViTConfig):
   grads = jax.grad(support_loss)(theta, episode, config)
-  blocks, g = theta["blocks"], grads["blocks"]
+  blocks, g = theta[BLOCKS], grads[BLOCKS]
   depth, heads = config.depth, config.num_heads
-  proj = (blocks["attn"]["proj"]["kernel"] * g["attn"]["proj"]["kernel"]).reshape(
+  proj = (blocks[ATTN][PROJ]["kernel"] * g[ATTN][PROJ]["kernel"]).reshape(
       depth, heads, -1).sum(-1)
-  fc2 = (blocks["fc2"]["kernel"] * g["fc2"]["kernel"]).sum(-1)
+  fc2 = (blocks[FC2]["kernel"] * g[FC2]["kernel"]).sum(-1)
   return jnp.abs(proj), jnp.abs(fc2)
 
 
@@ -98,46 +97,42 @@ def kept_units(scores, counts):
 def zero_pruned(theta, heads_kept, channels_kept, config: vit.ViTConfig):
   """θ with the output rows of removed heads (attn/proj) and channels (fc2) set to 0: the
   pruned model's function in the unpruned shapes."""
-  blocks = theta["blocks"]
+  blocks = theta[BLOCKS]
   dh = config.width // config.num_heads
   rows = jnp.repeat(jnp.asarray(heads_kept), dh, axis=1).astype(jnp.float32)  # [L, D]
-  proj = {**blocks["attn"]["proj"],
-          "kernel": blocks["attn"]["proj"]["kernel"] * rows[:, :, None]}
-  fc2 = {**blocks["fc2"], "kernel": blocks["fc2"]["kernel"]
+  proj = {**blocks[ATTN][PROJ], "kernel": blocks[ATTN][PROJ]["kernel"] * rows[:, :, None]}
+  fc2 = {**blocks[FC2], "kernel": blocks[FC2]["kernel"]
          * jnp.asarray(channels_kept, jnp.float32)[:, :, None]}
-  return {**theta, "blocks": {**blocks, "attn": {**blocks["attn"], "proj": proj}, "fc2": fc2}}
+  return {**theta, BLOCKS: {**blocks, ATTN: {**blocks[ATTN], PROJ: proj}, FC2: fc2}}
+
+
+def _columns(dense, index):
+  """The dense layer's output units `index` (kernel columns and bias)."""
+  return {"kernel": dense["kernel"][:, index], "bias": dense["bias"][index]}
+
+
+def _rows(dense, index):
+  """The dense layer's input units `index` (kernel rows; the bias is the output's)."""
+  return {"kernel": dense["kernel"][index], "bias": dense["bias"]}
 
 
 def prune(theta, heads_kept, channels_kept, config: vit.ViTConfig) -> dict:
-  """Physically pruned parameters: the embeddings and final norm, and one dict per block whose
-  q/k/v columns, proj rows, fc1 columns and fc2 rows are those of its kept units."""
+  """Physically pruned parameters: θ's tree with its stacked blocks replaced by a list of
+  layers (`layout.layer`'s trees) whose q/k/v columns, proj rows, fc1 columns and fc2 rows are
+  those of their kept units."""
   dh = config.width // config.num_heads
   heads_kept, channels_kept = np.asarray(heads_kept), np.asarray(channels_kept)
   layers = []
   for l in range(config.depth):
-    p = jax.tree.map(lambda a: np.asarray(a[l]), theta["blocks"])
+    p = jax.tree.map(np.asarray, layout.layer(theta[BLOCKS], l))
     cols = (np.flatnonzero(heads_kept[l])[:, None] * dh + np.arange(dh)).ravel()
     units = np.flatnonzero(channels_kept[l])
-    attn = p["attn"]
-    layers.append({
-        "norm1": p["norm1"], "norm2": p["norm2"],
-        **{name: {"kernel": attn[name]["kernel"][:, cols], "bias": attn[name]["bias"][cols]}
-           for name in ("query", "key", "value")},
-        "proj": {"kernel": attn["proj"]["kernel"][cols], "bias": attn["proj"]["bias"]},
-        "fc1": {"kernel": p["fc1"]["kernel"][:, units], "bias": p["fc1"]["bias"][units]},
-        "fc2": {"kernel": p["fc2"]["kernel"][units], "bias": p["fc2"]["bias"]}})
-  shared = {k: theta[k] for k in ("patch_embed", "cls_token", "pos_embed", "norm")}
-  return jax.tree.map(jnp.asarray, {**shared, "blocks": layers})
-
-
-def _attention(x, p, dh: int):
-  batch, tokens, _ = x.shape
-  heads = p["query"]["kernel"].shape[1] // dh
-  split = lambda name: (x @ p[name]["kernel"] + p[name]["bias"]).reshape(batch, tokens, heads, dh)
-  q, k, v = split("query"), split("key"), split("value")
-  weights = jax.nn.softmax(jnp.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(dh), axis=-1)
-  o = jnp.einsum("bhqk,bkhe->bqhe", weights, v).reshape(batch, tokens, heads * dh)
-  return o @ p["proj"]["kernel"] + p["proj"]["bias"]
+    attn = {**{name: _columns(p[ATTN][name], cols) for name in QKV},
+            PROJ: _rows(p[ATTN][PROJ], cols)}
+    layers.append({NORM1: p[NORM1], NORM2: p[NORM2], ATTN: attn,
+                   FC1: _columns(p[FC1], units), FC2: _rows(p[FC2], units)})
+  shared = {k: v for k, v in theta.items() if k != BLOCKS}
+  return jax.tree.map(jnp.asarray, {**shared, BLOCKS: layers})
 
 
 def pruned_forward(pruned, images, config: vit.ViTConfig) -> jax.Array:
@@ -145,13 +140,10 @@ def pruned_forward(pruned, images, config: vit.ViTConfig) -> jax.Array:
   its own width)."""
   vit.require_plain_blocks(config, "structured compression")
   eps, dh = config.layer_norm_eps, config.width // config.num_heads
-  x = embed_tokens(pruned, images, config)
-  for p in pruned["blocks"]:
-    x = x + _attention(layer_norm(x, p["norm1"], eps), p, dh)
-    hidden = jax.nn.gelu(layer_norm(x, p["norm2"], eps) @ p["fc1"]["kernel"] + p["fc1"]["bias"],
-                         approximate=False)
-    x = x + hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-  return layer_norm(x, pruned["norm"], eps)[:, 0]
+  x = layout.embed(pruned, images)
+  for p in pruned[BLOCKS]:
+    x = layout.block(x, p, eps, dh)
+  return layout.features(x, pruned, eps)
 
 
 def compression_fitness(theta, config: vit.ViTConfig, importance, batches):
