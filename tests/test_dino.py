@@ -241,10 +241,22 @@ def test_multicrop_views_sizes_and_per_image_keys():
   a = _multicrop(jax.random.key(1), images, recipe)
   b = _multicrop(jax.random.key(1), images[:2], recipe)  # image i draws the same crops
   for x, y in zip(a, b):
-    # Same keys, same crops; a batch of another size may fuse differently (1-ulp noise).
+    # Same keys, so the same crops, but not bit for bit: under the cheap compile options XLA
+    # vectorises a batch of 3 and one of 2 differently (≤ 1 ulp, 1.2e-7, at the default
+    # options they are equal). A key that depended on the batch draws another crop, off by
+    # ~0.1–1, far above this tolerance.
     np.testing.assert_allclose(x[:, :2], y, rtol=0, atol=1e-6)
     assert float(x.min()) >= 0 and float(x.max()) <= 1
   assert not np.allclose(a[0][0], a[0][1]) and not np.allclose(a[1][0], a[1][1])
+  # The documented key: view v of image i from fold_in(fold_in(key, v), i), whatever the batch
+  # or its sharding (another batch-independent scheme passes the check above, not this one).
+  one_view = _jit(dino.augment_view, static_argnums=2)
+  for v, i in ((0, 2), (3, 1)):
+    view_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(1), v), i)
+    crop = one_view(view_key, floats[i].astype(jnp.float32),
+                    recipe.global_views[v] if v < 2 else recipe.local_view)
+    got = a[0][v, i] if v < 2 else a[1][v - 2, i]
+    np.testing.assert_allclose(got, crop, rtol=0, atol=1e-6)
 
 
 def test_blur_keeps_constants_and_grayscale_and_solarize_closed_forms():
@@ -296,9 +308,48 @@ def test_one_step_freezes_last_layer_updates_teacher_by_ema_and_centre_by_teache
                              atol=1e-7)
   np.testing.assert_allclose(metrics["teacher_temp"], 0.04, rtol=1e-6)
   assert math.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
-  second, _ = step(first, images, key)  # unfrozen: the prototypes learn
+  second, metrics = step(first, images, key)  # unfrozen: the prototypes learn
   assert not np.allclose(second.student["head"]["last_layer"]["kernel"],
                          first.student["head"]["last_layer"]["kernel"])
+  # Step 1's schedules: m(1) = 1 − 0.004 · (1 + cos(π/10)) / 2, τ_t(1) = 0.04 + 0.03 / 5.
+  m1 = 1 - 0.004 * (1 + math.cos(math.pi / 10)) / 2
+  np.testing.assert_allclose(metrics["momentum"], m1, rtol=0, atol=1e-7)
+  np.testing.assert_allclose(metrics["teacher_temp"], 0.046, rtol=1e-6)
+  for t1, s2, t2 in zip(jax.tree.leaves(first.teacher), jax.tree.leaves(second.student),
+                        jax.tree.leaves(second.teacher)):
+    np.testing.assert_allclose(t2, m1 * t1 + (1 - m1) * s2, rtol=1e-6, atol=1e-7)
+
+
+def test_local_crops_run_at_their_size_through_resampled_position_embeddings():
+  """`forward` on 16-px global and 8-px local crops equals, per group, the ViT built at that
+  size, its 2 × 2 position grid the 4 × 4 one resampled (DINO's interpolate_pos_encoding), and
+  the head on those features, global views first."""
+  config = TINY.replace(image_size=16)
+  head = dino.HeadConfig(hidden_dim=32, bottleneck_dim=16, out_dim=24)
+  params = {"backbone": vit.init(config, jax.random.key(0)),
+            "head": dino.init_head(jax.random.key(1), config.width, head)}
+  rng = np.random.default_rng(0)
+  global_crops = jnp.asarray(rng.uniform(size=(2, 3, 16, 16, 3)), jnp.float32)
+  local_crops = jnp.asarray(rng.uniform(size=(2, 3, 8, 8, 3)), jnp.float32)
+  logits = _jit(dino.forward, static_argnums=2)(params, (global_crops, local_crops), config)
+  assert logits.shape == (4, 3, 24)
+
+  small = config.replace(image_size=8)
+  resampled = vit.resample_pos_embed(params["backbone"]["pos_embed"], 2, 2)
+  assert resampled.shape == (1, 1 + 4, config.width)
+  features = _jit(vit.forward, static_argnums=2)
+  expected = []
+  for crops, cfg, backbone in (
+      (global_crops, config, params["backbone"]),
+      (local_crops, small, {**params["backbone"], "pos_embed": resampled})):
+    x = vit.preprocess(crops.reshape(-1, *crops.shape[2:]), cfg)
+    expected.append(dino.head_apply(params["head"], features(backbone, x, cfg)).reshape(2, 3, 24))
+  np.testing.assert_allclose(logits, np.concatenate(expected), rtol=1e-4, atol=1e-5)
+  # The resampling matters: the local crops' features with the 4 × 4 grid's first 4 rows differ.
+  truncated = {**params["backbone"], "pos_embed": params["backbone"]["pos_embed"][:, :5]}
+  wrong = dino.head_apply(params["head"], features(
+      truncated, vit.preprocess(local_crops.reshape(-1, 8, 8, 3), small), small))
+  assert not np.allclose(wrong.reshape(2, 3, 24), logits[2:], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- end to end
