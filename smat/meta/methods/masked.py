@@ -40,8 +40,10 @@ class Masked(Method):
     dim = jax.tree.leaves(theta_pre["cls_token"])[0].shape[-1]
     router_params, router_state = router.init(k_router, dim, self.hp.num_experts)
     mask_state = self.init_mask_state(key, theta_pre)
-    return Init({"delta": experts.init_delta(theta_pre),
-                 "masks": expert_masks(self.strategy, mask_state),
+    # A strategy's `mask` may return its state's own array; the step donates params and state,
+    # so they must not share a buffer.
+    masks = jax.tree.map(jnp.copy, expert_masks(self.strategy, mask_state))
+    return Init({"delta": experts.init_delta(theta_pre), "masks": masks,
                  "router": router_params}, router_state, mask_state)
 
   def prepare(self, state, router_state, theta_pre, episodes, temp):
