@@ -114,7 +114,7 @@ def main(argv=None):
   print(table)
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({**result, "table": table}, f, indent=2)
+      json.dump(report.stamped({**result, "table": table}), f, indent=2)
 
 
 if __name__ == "__main__":

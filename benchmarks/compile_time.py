@@ -104,8 +104,8 @@ def main(argv=None) -> int:
   record = {"config": args.config, "overrides": overrides, "rows": rows,
             "load_average_1min_at_start": load, "versions": evaluate.software_versions()}
   report.write_results(args.out, record, [report.provenance(
-      "compile_time", argv, f"wall time {time.time() - started:.0f} s, 1-minute load average at "
-      f"the start {load:.2f} (an idle machine reads below 0.3)"), "", markdown(rows)])
+      "benchmarks.compile_time", argv, f"wall time {time.time() - started:.0f} s, 1-minute load "
+      f"average at the start {load:.2f} (an idle machine reads below 0.3)"), "", markdown(rows)])
   return 0
 
 

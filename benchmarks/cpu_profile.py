@@ -206,7 +206,8 @@ def main(argv=None) -> int:
 
   result = {"spec": spec, "profiles": profiles, "load_at_start": busy,
             "allowed_busy": busy > args.max_load, "versions": evaluate.software_versions()}
-  lines = [report.provenance("cpu_profile", argv, f"wall time {time.time() - started:.0f} s, "
+  lines = [report.provenance("benchmarks.cpu_profile", argv,
+                             f"wall time {time.time() - started:.0f} s, "
                              f"load average {busy:.2f} at the start"
                              + (" (BUSY MACHINE: timings not valid)" if result["allowed_busy"]
                                 else "")), "",

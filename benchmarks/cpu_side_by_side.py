@@ -158,7 +158,8 @@ def main(argv=None) -> int:
 
   result["versions"] = evaluate.software_versions()
   s = result["summary"]
-  lines = [report.provenance("cpu_side_by_side", argv, f"wall time {time.time() - started:.0f} s, "
+  lines = [report.provenance("benchmarks.cpu_side_by_side", argv,
+                             f"wall time {time.time() - started:.0f} s, "
                              f"{args.rounds} interleaved rounds of {args.repeats} steps, "
                              f"load average {busy:.2f} at the start, {s['load_max']:.2f} at most"
                              + (" (BUSY MACHINE: not a valid comparison)"

@@ -15,7 +15,7 @@ of θ_task, so the time is the gates' own. Per (arch, M, implementation): millis
 meta-batch, the compiled gradient's temporary memory (XLA's buffer assignment), and the largest
 difference between the two implementations' gradients. A point that runs out of memory is
 recorded as such; `--memory-only` compiles without running, for trees past the machine's
-memory. Writes OUT.json and OUT.md (command, machine, date).
+memory. Writes OUT.json and OUT.md (command, machine, date, commit).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def measure(arch: str, experts_: int, tasks: int, repeats: int, noise: float,
 
 
 def markdown(points: list[dict], argv: list[str]) -> str:
-  lines = [report.provenance("gates", argv), "",
+  lines = [report.provenance("benchmarks.gates", argv), "",
            "| arch | M | tasks | implementation | ms / meta-batch | temp GiB | fused ÷ sampled "
            "time | gradient difference |", "|" + "---|" * 8]
   sampled = {(p["arch"], p["experts"]): p for p in points if p["implementation"] == "sampled"}
@@ -140,7 +140,8 @@ def main(argv=None) -> int:
       points.extend(measure(arch, m, args.tasks, args.repeats, args.noise, args.memory_only))
       print(json.dumps(points[-2:]), flush=True)
       with open(args.out + ".json", "w") as f:
-        json.dump({"args": vars(args), "device": device, "points": points}, f, indent=1)
+        json.dump(report.stamped({"args": vars(args), "device": device, "points": points}), f,
+                  indent=1)
       with open(args.out + ".md", "w") as f:
         f.write(markdown(points, argv))
   return 0

@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
         f"{stats['support_mean']:.0f} support and {stats['query_mean']:.0f} query images on average")
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+      json.dump(report.stamped(result), f, indent=1)
   return result
 
 

@@ -41,7 +41,7 @@ def point(config_path: str, overrides: list[str], arch: str, dtype: str, remat: 
 
 
 def markdown(points: list[dict], argv: list[str]) -> str:
-  lines = [report.provenance("memory", argv), "",
+  lines = [report.provenance("benchmarks.memory", argv), "",
            "| arch | px | dtype | remat | M | tasks | tasks at once "
            "| episode ways×support×query | TFLOP / task (plain) | arguments GiB | step temp GiB "
            "| total GiB | plain temp GiB | compile s |", "|" + "---|" * 14]
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
 
   def write():
     with open(path, "w") as f:
-      json.dump({"args": vars(args), "overrides": overrides, "points": points}, f, indent=1)
+      json.dump(report.stamped({"args": vars(args), "overrides": overrides, "points": points}),
+                f, indent=1)
     with open(args.out + ".md", "w") as f:
       f.write(markdown(points, argv))
 

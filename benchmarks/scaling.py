@@ -10,7 +10,8 @@ Every point is `benchmarks.throughput.measure` on synthetic episodes (fixed-samp
 support = ways × shots, query = ways × queries). The backbone axis uses random weights of each
 preset; the other axes use the config's backbone (random weights of `--arch` when given). A
 point that runs out of memory is recorded as such. Points are saved as they finish, so an
-interrupted run resumes. Writes OUT.json, OUT.md (command, machine, date) and OUT.png.
+interrupted run resumes. Writes OUT.json, OUT.md (command, machine, date, commit) and
+OUT.png.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def measure_point(args, overrides: list[str], axis: str, value) -> dict:
           / result["tasks_per_step"], **result}
 
 
+def plot_scaling(points: list[dict], axes: list[str], path: str) -> None:
+  """One panel per varied axis: seconds per task of the method's step and of the plain
+  forward+backward (log scale). Each point has `axis`, `value`, `method`, `seconds_per_task`
+  and `plain_seconds_per_task`; points that ran out of memory (`oom`) are left out."""
+  plt, fig = plots.figure(3.2 * len(axes), 3.2)
+  panels = fig.subplots(1, len(axes), squeeze=False)[0]
+  for ax, axis in zip(panels, axes):
+    done = [p for p in points if p["axis"] == axis and not p.get("oom")]
+    labels = [str(p["value"]) for p in done]
+    ax.plot(labels, [p["seconds_per_task"] for p in done], "o-",
+            label=done[0]["method"] if done else "step")
+    ax.plot(labels, [p["plain_seconds_per_task"] for p in done], "s--", label="plain fwd+bwd")
+    ax.set_xlabel(axis.replace("_", " "))
+    ax.set_ylabel("seconds per task")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, bbox_inches="tight")
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -83,9 +106,9 @@ def main(argv=None) -> int:
 
   def write():
     with open(path, "w") as f:
-      json.dump({"args": vars(args), "overrides": overrides, "device": device,
-                 "points": points}, f, indent=1)
-    lines = [report.provenance("scaling", argv), "",
+      json.dump(report.stamped({"args": vars(args), "overrides": overrides, "device": device,
+                                "points": points}), f, indent=1)
+    lines = [report.provenance("benchmarks.scaling", argv), "",
              "| axis | value | s / task | plain s / task | step ÷ plain | GFLOP / task "
              "| overhead ratio | step temp GiB | peak GiB |", "|" + "---|" * 9]
     gib = lambda x: "—" if x is None else f"{x:.3f}"
@@ -100,7 +123,7 @@ def main(argv=None) -> int:
           f"| {gib(p.get('step_temp_gib'))} | {gib(p['peak_memory_gib'])} |")
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(lines) + "\n")
-    plots.plot_scaling(points, axes, args.out + ".png")
+    plot_scaling(points, axes, args.out + ".png")
 
   for axis in axes:
     if axis not in AXES:

@@ -142,7 +142,7 @@ def _description(config, c: dict, ways: int, support: int, query: int,
       "method": c["hp"].method, "arch": random_backbone or config.backbone.path,
       "dtype": c["vit"].dtype, "remat": c["vit"].remat, "image_size": config.data.image_size,
       "tasks_per_step": count, "ways": ways, "support": support, "query": query,
-      "num_experts": c["hp"].num_experts, "task_chunks": c["hp"].task_chunks,
+      "num_experts": c["hp"].experts.num_experts, "task_chunks": c["hp"].task_chunks,
       "flops_per_task": _flops(c["counted"]) / count,
       "plain_flops_per_task": _flops(c["plain"]) / count,
       "compile_seconds": c["compile_seconds"], "step_temp_gib": temp_memory_gib(c["step"]),
@@ -353,7 +353,7 @@ def main(argv=None) -> None:
   else:
     result["compiles"] = 1
   with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+    json.dump(report.stamped(result), f, indent=1)
   keys = (("method", "flops_per_task", "plain_flops_per_task", "step_argument_gib",
            "step_temp_gib", "plain_temp_gib", "compile_seconds") if args.compile_only else
           ("method", "tasks_per_s", "flops_per_task", "achieved_flops_per_s",

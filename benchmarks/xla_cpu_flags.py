@@ -130,7 +130,8 @@ def main(argv=None) -> int:
 
   record = {"args": vars(args), "rows": rows, "load_at_start": load,
             "versions": evaluate.software_versions()}
-  lines = [report.provenance("xla_cpu_flags", argv, f"wall time {time.time() - started:.0f} s, "
+  lines = [report.provenance("benchmarks.xla_cpu_flags", argv,
+                             f"wall time {time.time() - started:.0f} s, "
                              f"load average {load:.2f} at the start"
                              + (" (BUSY MACHINE: timings not valid)"
                                 if load > args.max_load else "")), "",

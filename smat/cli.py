@@ -293,7 +293,6 @@ def _cmd_plot(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-  import dataclasses
   import os
 
   from smat import evaluate, metatrain, outputs
@@ -339,23 +338,14 @@ def _cmd_evaluate(args) -> None:
     id_specs = [s for s in specs if s in trained]
   groups = {spec: load_domains(spec, args.data_dir, skip_corrupt=args.skip_corrupt,
                                seed=args.seed) for spec in specs}
-  results = evaluate.evaluate_domains(model, groups, sampler, image_size, args.episodes,
-                                      args.seed, args.adapt, ft, args.lr, args.batch_size,
-                                      resize_ratio=ratio)
+  protocol = evaluate.Protocol(sampler, image_size, args.episodes, args.seed,
+                               reserved=ft.search_episodes, resize_ratio=ratio)
+  results = evaluate.evaluate(model, groups, protocol, args.adapt, ft, args.lr, args.batch_size)
   evaluate.check_results(results)
-  ood_specs = [s for s in specs if s not in id_specs]
-  table = evaluate.results_table(results, id_specs, method)
-  out = {"method": method, "adapt": args.adapt,
-         "finetune": None if args.adapt == "zero-shot" else dataclasses.asdict(ft),
-         "reserved_episodes": ft.search_episodes, "workdir": args.workdir,
-         "backbone": args.backbone, "sampler": args.sampler,
-         "ways": args.ways, "shots": args.shots, "queries": args.queries,
-         "episodes": args.episodes, "seed": args.seed, "image_size": image_size,
-         "test_resize_ratio": ratio,
-         "domains": results, "id_domains": id_specs, "ood_domains": ood_specs,
-         "averages": evaluate.summarize(results, id_specs, ood_specs),
-         "config": run_config.to_dict() if run_config else None,
-         "software": evaluate.software_versions(), "table": table}
+  out = evaluate.record(results, protocol, method, id_specs, args.adapt, ft,
+                        workdir=args.workdir, backbone=args.backbone,
+                        config=run_config.to_dict() if run_config else None)
+  table = out["table"]
   print(table)  # before the write: a failed write loses no numbers
   outputs.write_atomic(args.out, lambda f: json.dump(out, f, indent=1))
   averages = out["averages"]
@@ -423,15 +413,8 @@ def _backbone_args(parser: argparse.ArgumentParser, required: bool) -> None:
                       help="architecture of a .safetensors file")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="smat", formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Sparse MetA-Tuning (SMAT): meta-learned sparse interpolated experts over a "
-                  "frozen pre-trained ViT for few-shot classification.",
-      epilog=__doc__.split("\n", 2)[2])
-  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_reproduce(commands) -> None:
+  """`smat reproduce`: the main job."""
   reproduce = commands.add_parser(
       "reproduce", help="main job on the offline benchmark: build data, describe it, sample "
                        "episodes, pre-train θ_pre, meta-train PMF and SMAT, and compare Pre, "
@@ -444,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
   _data_dir_arg(reproduce)
   reproduce.set_defaults(run=_cmd_reproduce, takes_overrides=True, compiles=True)
 
+
+def _add_data(commands) -> None:
+  """`smat data prepare|describe|show`."""
   data = commands.add_parser("data", help="prepare, describe and look at data")
   data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -492,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
   _data_dir_arg(show)
   show.set_defaults(run=_cmd_show)
 
+
+def _add_pretrain(commands) -> None:
+  """`smat pretrain`."""
   pretrain = commands.add_parser(
       "pretrain", help="pre-train a backbone: supervised, or DINO on an unlabeled pool",
       description="config.pretrain.objective=supervised (pretrain_glyphs): train a ViT with a "
@@ -509,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
   _distributed_arg(pretrain)
   pretrain.set_defaults(run=_cmd_pretrain, takes_overrides=True, compiles=True)
 
+
+def _add_meta_train(commands) -> None:
+  """`smat meta-train`."""
   meta = commands.add_parser(
       "meta-train", help="meta-train SMAT, SoftMerge or PMF on top of a frozen backbone θ_pre",
       description="Meta-train the method of the config (config.method: smat = sparse "
@@ -526,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
   _distributed_arg(meta)
   meta.set_defaults(run=_cmd_meta_train, takes_overrides=True, compiles=True)
 
+
+def _add_evaluate(commands) -> None:
+  """`smat evaluate`."""
   ev = commands.add_parser(
       "evaluate", help="few-shot accuracy of a meta-trained run (or θ_pre) on test classes",
       description="Few-shot evaluation of the best checkpoint of a `smat meta-train` workdir "
@@ -584,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
   _data_dir_arg(ev)
   ev.set_defaults(run=_cmd_evaluate, compiles=True)
 
+
+def _add_plot(commands) -> None:
+  """`smat plot`."""
   plot = commands.add_parser(
       "plot", help="figures of a SMAT run: mask density per block/type/expert, expert choice",
       description="Writes mask_density.png (fraction of non-zero deterministic gates per block "
@@ -603,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
   _data_dir_arg(plot)
   plot.set_defaults(run=_cmd_plot, compiles=True)
 
+
+def _add_import_backbone(commands) -> None:
+  """`smat import-backbone`."""
   imp = commands.add_parser("import-backbone", help="DINO safetensors (timm/HF layout) → backbone dir")
   _backbone_args(imp, required=True)
   imp.add_argument("--weights", required=True, help="the .safetensors file")
@@ -616,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override LayerNorm epsilon (default: timm 1e-6, hf 1e-12)")
   imp.set_defaults(run=_cmd_import_backbone)
 
+
+def _add_export(commands) -> None:
+  """`smat export`."""
   exp = commands.add_parser(
       "export", help="a model as timm-layout safetensors: θ_pre, PMF's backbone, θ_task",
       description="Writes one safetensors file that timm's VisionTransformer(num_classes=0) "
@@ -637,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument("--out", required=True, help="output .safetensors file")
   exp.set_defaults(run=_cmd_export, compiles=True)
 
+
+def _add_embed(commands) -> None:
+  """`smat embed`."""
   emb = commands.add_parser("embed", help="backbone CLS features of every image in a folder")
   emb.add_argument("--backbone", required=True, help="backbone directory or .safetensors file")
   _backbone_args(emb, required=False)
@@ -646,6 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size (default: the backbone's; others interpolate positions)")
   emb.add_argument("--batch-size", type=int, default=64)
   emb.set_defaults(run=_cmd_embed, compiles=True)
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="smat", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Sparse MetA-Tuning (SMAT): meta-learned sparse interpolated experts over a "
+                  "frozen pre-trained ViT for few-shot classification.",
+      epilog=__doc__.split("\n", 2)[2])
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for add in (_add_reproduce, _add_data, _add_pretrain, _add_meta_train, _add_evaluate, _add_plot, _add_import_backbone, _add_export, _add_embed):
+    add(commands)
   return parser
 
 

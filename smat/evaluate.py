@@ -1,9 +1,13 @@
-"""Few-shot evaluation of methods on identical episodes (Pre, PMF, SoftMerge, SMAT).
+"""The evaluator: few-shot accuracy of any model on identical episodes, zero-shot or fine-tuned.
 
-Every method sees the same episodes: a domain's episodes are a pure function of (seed, split,
-domain, index). Methods with one backbone for all tasks (Pre = θ_pre, PMF = θ_pre + δ) go
-through `fewshot.protonet_report` (feature tables when cheaper; same numbers); expert methods
-build θ_task per episode (deterministic gates, α = normalised sigmoid(ℓ / T)).
+One `Protocol` value says which episodes a number is over (sampler, episodes, seed, the reserved
+lr-search episodes, image size and resizing); `evaluate` runs a model on it, for every method
+(Pre, PMF, SoftMerge, SMAT) and adaptation mode, and `report` on several protocols at once (the
+5w1s / 5w5s columns of a table). A domain's episodes are a pure function of (seed, split,
+domain, index), so one protocol gives every model and mode the same episodes. Models with one
+backbone for all tasks (Pre = θ_pre, PMF = θ_pre + δ) go through `fewshot` (feature tables
+when cheaper; same numbers); expert methods build θ_task per episode (deterministic gates,
+α = normalised sigmoid(ℓ / T)). `record` is the schema of a written result.
 """
 
 from __future__ import annotations
@@ -14,48 +18,145 @@ import numpy as np
 
 from smat import fewshot, finetune, metatrain
 from smat.data import loader
+from smat.data.episodes import split_resize_ratio
 from smat.data.samplers import FixedSampler
 from smat.errors import SmatError
 
-
-def _per_task(model) -> bool:
-  """Whether `model` builds θ_task per episode (expert methods) rather than one backbone."""
-  return isinstance(model, metatrain.Run) and model.hp.method != "pmf"
+RESERVED_EPISODES = finetune.FinetuneConfig().search_episodes
 
 
-def _backbone(model):
-  """(θ, ViTConfig) of a one-backbone model: Pre given as such, or PMF's θ_pre + δ."""
-  return (model.dense_params(), model.hp.vit) if isinstance(model, metatrain.Run) else model
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """Which episodes a number is over.
 
-
-def _per_task_accuracy(run, source, episodes: int, batch_size: int, progress: str | None):
-  size = loader.even_batch_size(episodes, batch_size)
-  return metatrain.evaluate(run, loader.batch_iterator(source, size, episodes // size),
-                            progress=progress)
-
-
-def zero_shot_report(model, groups: dict[str, list], image_size: int, shots=(1, 5),
-                     ways: int = 5, queries: int = 15, episodes: int = 600, seed: int = 0,
-                     batch_size: int = 8, progress: bool = True,
-                     resize_ratio: float | None = None) -> dict:
-  """{domain: {"5w1s": {accuracy, ci95, episodes, episodes_per_s[, alpha_mean]}, ...}}.
-
-  `model` is a `metatrain.Run`, or (θ, ViTConfig) for a frozen backbone; test images are
-  resized and centre-cropped by `resize_ratio` (default 146/128, `episodes.resize`).
+  The first `reserved` episodes of each domain's stream are kept for the fine-tuning lr search
+  and never reported, in every mode, so that zero-shot and fine-tuned numbers of one protocol
+  share their episodes; `episodes` are reported after them. `resize_ratio`: as
+  `loader.EpisodeSource`'s (None: 146/128 for test images).
   """
-  if not _per_task(model):
-    return fewshot.protonet_report(*_backbone(model), groups, image_size, shots, ways, queries,
-                                   episodes, seed, progress, resize_ratio)
-  report = {}
+
+  sampler: object
+  image_size: int
+  episodes: int = 600
+  seed: int = 0
+  reserved: int = RESERVED_EPISODES
+  resize_ratio: float | None = None
+  split: str = "test"
+
+  def stream(self, group) -> loader.EpisodeSource:
+    """The whole episode stream of a domain group, the reserved episodes first."""
+    return loader.EpisodeSource(tuple(group), self.split, self.sampler, self.image_size,
+                                seed=self.seed, resize_ratio=self.resize_ratio)
+
+  def reported(self, group) -> loader.EpisodeSource:
+    """The reported episodes of a domain group: the stream after the reserved ones."""
+    return dataclasses.replace(self.stream(group), first=self.reserved)
+
+  def describe(self) -> dict:
+    """The protocol's fields as a result records them."""
+    sampler = self.sampler
+    fields = (dataclasses.asdict(sampler) if dataclasses.is_dataclass(sampler) else {})
+    return {"sampler": type(sampler).__name__, **fields, "episodes": self.episodes,
+            "seed": self.seed, "reserved_episodes": self.reserved,
+            "image_size": self.image_size, "split": self.split,
+            "test_resize_ratio": split_resize_ratio(self.split, self.resize_ratio)}
+
+
+def fixed_protocols(image_size: int, ways: int = 5, shots=(1, 5), queries: int = 15,
+                    **fields) -> dict[str, Protocol]:
+  """{"5w1s": Protocol, "5w5s": Protocol, ...}: fixed-shape episodes, one protocol per shot
+  count, the other fields (episodes, seed, reserved, resize_ratio) shared."""
+  return {f"{ways}w{k}s": Protocol(FixedSampler(ways, k, queries), image_size, **fields)
+          for k in shots}
+
+
+def shared_backbone(model):
+  """(θ, ViTConfig) when every task uses one backbone (Pre given as such, PMF's θ_pre + δ);
+  None when the model builds θ_task per task (SoftMerge, SMAT)."""
+  if not isinstance(model, metatrain.Run):
+    return model
+  return (model.dense_params(), model.hp.vit) if model.hp.method == "pmf" else None
+
+
+def _frozen_zero_shot(backbone, protocol: Protocol, group, features: dict, progress):
+  """Zero-shot ProtoNet of a frozen backbone; each test image embedded once (`features`, shared
+  by the protocols of a report) when that is cheaper than embedding each episode."""
+  params, config = backbone
+  reported = protocol.reported(group)
+  key = tuple(id(d) for d in group) + (protocol.split, protocol.image_size, reported.resize_ratio)
+  if key not in features and fewshot.worth_caching(reported, protocol.episodes):
+    features[key] = [fewshot.embed_split(params, config, d, protocol.split, protocol.image_size,
+                                         resize_ratio=reported.resize_ratio) for d in group]
+  if key in features:
+    return fewshot.cached_zero_shot(params, config, reported, protocol.episodes,
+                                    tables=features[key])
+  return fewshot.zero_shot(params, config, reported, protocol.episodes, progress=progress)
+
+
+def _per_task_zero_shot(run, protocol: Protocol, group, batch_size: int, progress):
+  """Zero-shot accuracy (and mean α) of a model that builds θ_task per episode."""
+  size = loader.even_batch_size(protocol.episodes, batch_size)
+  batches = loader.batch_iterator(protocol.reported(group), size, protocol.episodes // size)
+  return metatrain.evaluate(run, batches, progress=progress)
+
+
+def evaluate(model, groups: dict[str, list], protocol: Protocol, adapt: str = "zero-shot",
+             ft: finetune.FinetuneConfig = finetune.FinetuneConfig(), lr: float | None = None,
+             batch_size: int | None = None, progress: bool = True,
+             features: dict | None = None) -> dict:
+  """{domain: {accuracy, ci95, episodes, episodes_per_s, per_episode, ways/shots summary
+  [, alpha_mean][, lr, lr_search]}} of `model` on `protocol`'s episodes of each domain group.
+
+  `model`: a `metatrain.Run`, or (θ, ViTConfig) for a frozen backbone. `adapt`: "zero-shot" or
+  one of `finetune.ADAPTERS`, whose lr search uses the protocol's reserved episodes (`lr`
+  given: no search). `features`: a dict that evaluations of the same domains share, so a frozen
+  backbone embeds each test image once for all of them.
+  """
+  if adapt != "zero-shot" and ft.search_episodes != protocol.reserved:
+    raise SmatError(f"the lr search uses {ft.search_episodes} episodes but the protocol "
+                    f"reserves {protocol.reserved}: give Protocol(reserved=ft.search_episodes)")
+  features = {} if features is None else features
+  backbone = shared_backbone(model)
+  results = {}
   for name, group in groups.items():
-    report[name] = {}
-    for k in shots:
-      source = loader.EpisodeSource(tuple(group), "test", FixedSampler(ways, k, queries),
-                                    image_size, seed=seed, resize_ratio=resize_ratio)
-      label = f"{model.hp.method} {name} {ways}w{k}s" if progress else None
-      report[name][f"{ways}w{k}s"] = _per_task_accuracy(model, source, episodes, batch_size,
-                                                        label)
-  return report
+    label = name if progress else None
+    if adapt != "zero-shot":
+      result = finetune.evaluate_source(model, finetune.ADAPTERS[adapt], protocol.stream(group),
+                                        protocol.episodes, protocol.seed, ft, lr,
+                                        batch_size or 1, label)
+    elif backbone is None:
+      result = _per_task_zero_shot(model, protocol, group, batch_size or 8, label)
+    else:
+      result = _frozen_zero_shot(backbone, protocol, group, features, label)
+    summary = loader.describe_plans(protocol.reported(group), protocol.episodes)
+    results[name] = {**result, **{k: v for k, v in summary.items() if k != "episodes"}}
+  return results
+
+
+def report(model, groups: dict[str, list], protocols: dict[str, Protocol],
+           batch_size: int | None = None, progress: bool = True) -> dict:
+  """{domain: {protocol label: result}}: zero-shot `evaluate` on each of `protocols` (e.g.
+  `fixed_protocols`), a frozen backbone's features shared by all of them."""
+  from tqdm.auto import tqdm
+
+  features, out = {}, {name: {} for name in groups}
+  for label, protocol in tqdm(protocols.items(), desc="zero-shot", unit="protocol",
+                              disable=not progress):
+    results = evaluate(model, groups, protocol, batch_size=batch_size, progress=progress,
+                       features=features)
+    for name, result in results.items():
+      out[name][label] = result
+  return out
+
+
+def report_table(report: dict) -> str:
+  """Markdown: rows = domains, columns = protocol labels, cells = accuracy ± CI."""
+  kinds = list(next(iter(report.values())))
+  lines = ["| domain | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+  for name, row in report.items():
+    cells = [f"{row[k]['accuracy']:.2f} ± {row[k]['ci95']:.2f}" for k in kinds]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def averages(report: dict, id_domains, ood_domains) -> dict:
@@ -85,39 +186,6 @@ def comparison_table(reports: dict[str, dict], id_domains, ood_domains) -> str:
       lines.append(f"| **{split.upper()} average** | {k} | "
                    + " | ".join(f"{avg[m][split][k]:.2f}" for m in methods) + " |")
   return "\n".join(lines)
-
-
-def evaluate_domains(model, groups: dict[str, list], sampler, image_size: int,
-                     episodes: int = 600, seed: int = 0, adapt: str = "zero-shot",
-                     ft: finetune.FinetuneConfig = finetune.FinetuneConfig(),
-                     lr: float | None = None, batch_size: int | None = None,
-                     progress: bool = True, resize_ratio: float | None = None) -> dict:
-  """{domain: {accuracy, ci95, episodes, episodes_per_s, ways/shots summary[, lr, lr_search]}}.
-
-  Same seed → same episodes for every model and every `adapt` mode: the first
-  `ft.search_episodes` episodes of each domain are reserved for the fine-tuning lr search and
-  never reported, whatever the mode. `model` is a `metatrain.Run` or (θ, ViTConfig); test
-  images are resized and centre-cropped by `resize_ratio` (default 146/128, `episodes.resize`).
-  """
-  results = {}
-  for name, group in groups.items():
-    source = loader.EpisodeSource(tuple(group), "test", sampler, image_size, seed=seed,
-                                  resize_ratio=resize_ratio)
-    reported = dataclasses.replace(source, first=ft.search_episodes)
-    label = name if progress else None
-    if adapt != "zero-shot":
-      result = finetune.evaluate_source(model, finetune.ADAPTERS[adapt], source, episodes, seed,
-                                        ft, lr, batch_size or 1, label)
-    elif _per_task(model):
-      result = _per_task_accuracy(model, reported, episodes, batch_size or 8, label)
-    else:
-      params, config = _backbone(model)
-      result = (fewshot.cached_zero_shot(params, config, reported, episodes)
-                if fewshot.worth_caching(reported, episodes)
-                else fewshot.zero_shot(params, config, reported, episodes, progress=label))
-    summary = loader.describe_plans(reported, episodes)
-    results[name] = {**result, **{k: v for k, v in summary.items() if k != "episodes"}}
-  return results
 
 
 # Libraries whose version can change a number in a result: the arithmetic (jax, jaxlib, numpy),
@@ -180,6 +248,22 @@ def results_table(results: dict, id_domains, method: str) -> str:
                  f"{r['ways_mean']:.1f} | {r['shots_mean']:.1f} |"
                  + (f" {r['lr']:g} |" if tuned else ""))
   return "\n".join(lines)
+
+
+def record(results: dict, protocol: Protocol, method: str, id_domains, adapt: str = "zero-shot",
+           ft: finetune.FinetuneConfig | None = None, **context) -> dict:
+  """A written result: the protocol, the method and adaptation, per-domain results, ID/OOD
+  averages, the software it ran on and the markdown table; `context` adds what the caller
+  knows of the model (workdir, backbone, config)."""
+  id_domains = list(id_domains)
+  ood_domains = [s for s in results if s not in id_domains]
+  return {"method": method, "adapt": adapt,
+          "finetune": None if adapt == "zero-shot" else dataclasses.asdict(ft),
+          **protocol.describe(), **context,
+          "domains": results, "id_domains": id_domains, "ood_domains": ood_domains,
+          "averages": summarize(results, id_domains, ood_domains),
+          "software": software_versions(),
+          "table": results_table(results, id_domains, method)}
 
 
 def check_results(results: dict) -> None:

@@ -116,7 +116,7 @@ def from_run(workdir: str, which: str = "best", support: str | None = None,
     theta, weights = task_params(run, episode)
     return theta, run.hp.vit, {**meta, "model": "θ_task", "support": os.path.abspath(support),
                                "alpha": weights.tolist()}
-  weights = parse_alpha(alpha, run.hp.num_experts)
+  weights = parse_alpha(alpha, run.hp.experts.num_experts)
   return merged_params(run, weights), run.hp.vit, {**meta, "model": "merged",
                                                    "alpha": weights.tolist()}
 

@@ -20,7 +20,6 @@ import numpy as np
 from smat import protonet
 from smat.data import loader
 from smat.data.episodes import Episode, resize, split_resize_ratio
-from smat.data.samplers import FixedSampler
 from smat.embed import embed_all, embed_images
 from smat.models import vit
 
@@ -74,9 +73,7 @@ def zero_shot(params, config: vit.ViTConfig, source: loader.EpisodeSource, episo
   """Accuracy (%) with 95% CI over the first `episodes` episodes of `source`."""
   from tqdm.auto import tqdm
 
-  batch_size = min(batch_size, episodes)
-  while episodes % batch_size:
-    batch_size -= 1
+  batch_size = loader.even_batch_size(episodes, batch_size)
   start = time.perf_counter()
   accuracies = []
   batches = loader.batch_iterator(source, batch_size, episodes // batch_size)
@@ -151,40 +148,3 @@ def worth_caching(source: loader.EpisodeSource, episodes: int) -> bool:
   per_episode = np.mean([p.num_support + p.num_query for p in plans])
   table_images = sum(c.size for d in source.domains for c in d.classes(source.split))
   return episodes * per_episode >= table_images
-
-
-def protonet_report(params, config: vit.ViTConfig, domains: dict[str, list], image_size: int,
-                    shots=(1, 5), ways: int = 5, queries: int = 15, episodes: int = 600,
-                    seed: int = 0, progress: bool = True,
-                    resize_ratio: float | None = None) -> dict:
-  """{domain name: {"5w1s": {...}, "5w5s": {...}}} on the test classes of each domain group.
-
-  Uses whichever of the two equivalent routes is cheaper; feature tables are shared by all
-  shot counts of a domain. `resize_ratio`: as `loader.EpisodeSource`'s.
-  """
-  from tqdm.auto import tqdm
-
-  report = {}
-  for name, group in tqdm(domains.items(), desc="zero-shot", unit="domain", disable=not progress):
-    report[name], tables = {}, None
-    for k in shots:
-      source = loader.EpisodeSource(tuple(group), "test", FixedSampler(ways, k, queries),
-                                    image_size, seed=seed, resize_ratio=resize_ratio)
-      label = f"{ways}w{k}s"
-      if tables is None and worth_caching(source, episodes):
-        tables = [embed_split(params, config, d, "test", image_size, resize_ratio=resize_ratio)
-                  for d in group]
-      report[name][label] = (
-          zero_shot(params, config, source, episodes) if tables is None
-          else cached_zero_shot(params, config, source, episodes, tables=tables))
-  return report
-
-
-def report_table(report: dict) -> str:
-  """Markdown: rows = domains, columns = episode kinds, cells = accuracy ± CI."""
-  kinds = list(next(iter(report.values())))
-  lines = ["| domain | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-  for name, row in report.items():
-    cells = [f"{row[k]['accuracy']:.2f} ± {row[k]['ci95']:.2f}" for k in kinds]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)

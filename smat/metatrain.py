@@ -64,7 +64,7 @@ def mask_strategy(config):
 def hyper(config, vit_config, devices: int = 1) -> tasks.Hyper:
   """The static hyper-parameters of the task loss from a config, for a step over `devices`."""
   e, t, r = config.experts, config.teacher, config.router
-  return tasks.Hyper(
+  return tasks.Hyper.of(
       method=config.method, vit=vit_config, num_experts=e.num_experts,
       target_sparsity=e.target_sparsity, gate_noise=e.gate_noise, inner_lr=config.inner.lr,
       teacher_lr=t.lr, kd_temperature=t.temperature, kd_direction=t.direction,
@@ -137,7 +137,7 @@ class Run:
       return {"deployed": np.asarray(experts.sparsity(params["masks"], self.theta_pre)).tolist()}
     if "gates" not in params:
       return None
-    sampled = experts.sample_masks(jax.random.key(0), params["gates"], self.hp.gate_noise)
+    sampled = experts.sample_masks(jax.random.key(0), params["gates"], self.hp.experts.gate_noise)
     return {"deployed": np.asarray(experts.deployed_sparsity(params["gates"],
                                                              self.theta_pre)).tolist(),
             "sampled": np.asarray(experts.sparsity(sampled, self.theta_pre)).tolist(),
@@ -246,7 +246,7 @@ def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None, devices: i
                     f"{', '.join(schedules.SCHEDULES)}")
   per_epoch, total = schedule_steps(config)
   optimizer = meta_step.make_optimizer(config.optim, per_epoch, total,
-                                       masks=hp.mask_strategy is not None)
+                                       masks=hp.experts.mask_strategy is not None)
   params, router_state, mask_state = meta_step.init(jax.random.key(config.seed), theta_pre, hp)
   state = meta_step.init_state(params, router_state, optimizer, mask_state)
   return theta_pre, hp, optimizer, state
@@ -323,8 +323,6 @@ def describe_checkpoint(workdir: str, run: Run, which: str = "best") -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: bool) -> dict:
-  from tqdm.auto import tqdm
-
   saved = config.copy_and_resolve_references()
   if saved.backbone.path and os.path.exists(saved.backbone.path):  # usable from any directory
     saved.backbone.path = os.path.abspath(saved.backbone.path)
@@ -358,46 +356,40 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
   val = validation_sources(config)
   guard = runs.DivergenceGuard(config, manager, workdir)
   history = _read_history(workdir, start)
-  log = training.MetricsLog(workdir, resume_step=start)
-  bar = tqdm(total=total, initial=start, desc=f"meta-train {hp.method}", unit="step",
-             disable=not progress or not training.is_primary())
-  last_time, last_step, train_start = time.perf_counter(), start, time.perf_counter()
-  try:
-    for step in range(start, end):
-      episodes = training.from_local(next(batches), sharded)  # this process's tasks
-      state, metrics = step_fn(state, episodes, rng, theta_pre)
-      done = step + 1
-      epoch_end = done % per_epoch == 0 or done == total
-      if done % config.train.log_every == 0 or epoch_end or done == end:
-        scalars = _host_metrics(metrics, state)
-        _check_finite(state, manager, workdir)
-        guard.check(scalars, state.params, done)
-        runs.check_saves(manager, best_manager)
-        now = time.perf_counter()
-        scalars["tasks_per_s"] = (done - last_step) * batch_size / max(now - last_time, 1e-9)
-        scalars.update({f"{g}_lr": float(lr(done - 1) if callable(lr) else lr)
-                        for g, lr in lrs.items() if g in state.params})
-        last_time, last_step = now, done
-        log.write(done, scalars)
-        bar.set_postfix(_postfix(scalars))
-      if epoch_end:
-        run = Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
-        result = evaluate(run, val)
-        history.append({"step": done, "epoch": done // per_epoch, **result})
-        log.write(done, {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
-        promote = guard.promote(result, done)
-        data = batches.get_state()
-        runs.save(_save, manager, state, rng, data)
-        if promote:
-          runs.save(_save, best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
-        if training.is_primary():
-          _write_history(workdir, history)
-        last_time = time.perf_counter()
-      bar.update(1)
-  finally:
-    bar.close()
-    log.close()
-    runs.finish_saves(manager, best_manager)
+  epoch_end = lambda done: done % per_epoch == 0 or done == total
+
+  def scalars(metrics, state, done):
+    scalars = _host_metrics(metrics, state)
+    _check_finite(state, manager, workdir)
+    guard.check(scalars, state.params, done)
+    runs.check_saves(manager, best_manager)
+    return {**scalars, **{f"{g}_lr": float(lr(done - 1) if callable(lr) else lr)
+                          for g, lr in lrs.items() if g in state.params}}
+
+  def checkpoint(state, done, write):
+    """Validate, keep the epoch's checkpoint, promote it to best/ if it validates best."""
+    run = Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
+    result = evaluate(run, val)
+    history.append({"step": done, "epoch": done // per_epoch, **result})
+    write(done, {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
+    promote = guard.promote(result, done)
+    data = batches.get_state()
+    runs.save(_save, manager, state, rng, data)
+    if promote:
+      runs.save(_save, best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
+    if training.is_primary():
+      _write_history(workdir, history)
+
+  hooks = training.Hooks(
+      step=lambda state, batch: step_fn(state, training.from_local(batch, sharded), rng,
+                                        theta_pre),
+      scalars=scalars, log_at=lambda done: done % config.train.log_every == 0 or epoch_end(done),
+      checkpoint_at=epoch_end, checkpoint=checkpoint, postfix=_postfix,
+      rate=("tasks_per_s", batch_size),
+      finish=lambda: runs.finish_saves(manager, best_manager))
+  train_start = time.perf_counter()
+  state = training.train_loop(state, batches, start, end, total, hooks, workdir,
+                              f"meta-train {hp.method}", progress)
   summary = {"method": hp.method, "stopped_at": int(state.step), "total_steps": total,
              "tasks_seen": int(state.tasks_seen), "validation": history,
              "train_seconds": time.perf_counter() - train_start}

@@ -3,7 +3,6 @@
   mask_density.png     per expert: fraction of non-zero deterministic gates per block and
                        parameter type (query, key, value, proj, fc1, fc2, norm1, norm2)
   expert_choice.png    per evaluation domain: the router's mean α over test episodes
-  tradeoff.png         (from a sweep) ID vs OOD average accuracy, one point per (τ, M)
 
 Densities are coverage-weighted like every sparsity figure (`smat.meta.experts`): a structured
 gate counts for each backbone entry it scales.
@@ -78,7 +77,8 @@ def expert_choice(run, groups: dict[str, list], sampler, image_size: int, episod
   return out
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+  """(pyplot, a new figure) drawn off-screen: every figure of smat and of its scripts."""
   matplotlib = require("matplotlib", "plots", "figures")
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -92,7 +92,7 @@ def plot_density(density: dict[str, np.ndarray], path: str, label: str = "mask d
   grid = np.stack([density[k] for k in kinds], 1)  # [M, types, L]
   num_experts, _, depth = grid.shape
   top = max(float(grid.max()), 1e-6)
-  plt, fig = _figure(2.2 + 1.6 * num_experts * max(depth, 4) / 4, 3.2)
+  plt, fig = figure(2.2 + 1.6 * num_experts * max(depth, 4) / 4, 3.2)
   axes = fig.subplots(1, num_experts, squeeze=False)[0]
   for k, ax in enumerate(axes):
     image = ax.imshow(grid[k], vmin=0, vmax=top, cmap="viridis", aspect="auto")
@@ -112,7 +112,7 @@ def plot_expert_choice(choice: dict[str, np.ndarray], path: str) -> None:
   """Heat map: rows = domains, columns = experts, value = mean α."""
   names = list(choice)
   grid = np.stack([choice[n] for n in names])
-  plt, fig = _figure(1.5 + 0.7 * grid.shape[1], 0.9 + 0.45 * len(names))
+  plt, fig = figure(1.5 + 0.7 * grid.shape[1], 0.9 + 0.45 * len(names))
   ax = fig.subplots()
   image = ax.imshow(grid, vmin=0, vmax=max(float(grid.max()), 1e-6), cmap="magma", aspect="auto")
   ax.set_xticks(range(grid.shape[1]))
@@ -122,26 +122,6 @@ def plot_expert_choice(choice: dict[str, np.ndarray], path: str) -> None:
     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
             color="white" if value < 0.6 * grid.max() else "black")
   fig.colorbar(image, ax=ax, label="mean α")
-  fig.savefig(path, bbox_inches="tight")
-  plt.close(fig)
-
-
-def plot_tradeoff(points: list[dict], path: str) -> None:
-  """ID vs OOD average accuracy: one marker per point {tau, experts, id, ood[, id_ci, ood_ci]}."""
-  plt, fig = _figure(5.0, 4.0)
-  ax = fig.subplots()
-  for m in sorted({p["experts"] for p in points}):
-    row = sorted((p for p in points if p["experts"] == m), key=lambda p: p["tau"])
-    ax.errorbar([p["id"] for p in row], [p["ood"] for p in row],
-                xerr=[p.get("id_ci", 0) for p in row], yerr=[p.get("ood_ci", 0) for p in row],
-                marker="o", capsize=2, label=f"M = {m}")
-    for p in row:
-      ax.annotate(f"τ={p['tau']:g}", (p["id"], p["ood"]), fontsize=7,
-                  textcoords="offset points", xytext=(3, 3))
-  ax.set_xlabel("ID average accuracy (%)")
-  ax.set_ylabel("OOD average accuracy (%)")
-  ax.legend()
-  ax.grid(alpha=0.3)
   fig.savefig(path, bbox_inches="tight")
   plt.close(fig)
 
@@ -176,83 +156,6 @@ def meta_test_density(run) -> dict[str, np.ndarray]:
   return density_by_layer(run.params["gates"], run.theta_pre)
 
 
-def plot_density_comparison(panels: dict[str, dict[str, dict[str, float]]], path: str,
-                            title: str = "mask density by parameter type") -> None:
-  """Grouped bars, one panel per {panel title: {mask source: {type: density}}} (e.g. one per
-  target sparsity): for each parameter type, one bar per source, a source keeping its colour
-  in every panel."""
-  sources = list(dict.fromkeys(name for panel in panels.values() for name in panel))
-  kinds = [k for k in (*PARAM_TYPES, layout.EMBEDDING_KIND, layout.FINAL_NORM_KIND)
-           if any(k in d for panel in panels.values() for d in panel.values())]
-  plt, fig = _figure(9.0, 3.0 * len(panels) + 0.6)
-  axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, sharey=True))
-  width = 0.8 / max(len(sources), 1)
-  for ax, (panel_title, by_type) in zip(axes, panels.items()):
-    for i, name in enumerate(sources):
-      if name in by_type:
-        ax.bar(np.arange(len(kinds)) + (i - (len(sources) - 1) / 2) * width,
-               [by_type[name].get(k, 0.0) for k in kinds], width, label=name, color=f"C{i}")
-    ax.set_ylabel("fraction of entries kept")
-    ax.set_title(panel_title, fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-  axes[0].legend(fontsize=7, ncol=2)
-  axes[-1].set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right")
-  fig.suptitle(title)
-  fig.savefig(path, bbox_inches="tight")
-  plt.close(fig)
-
-
-def plot_compression(points: list[dict], path: str) -> None:
-  """Structured pruning: ID and OOD accuracy against the parameters removed (left) and the
-  measured speed-up (right), uniform and searched per-layer rates as separate lines. Each point
-  has `rates_from`, `total_sparsity`, `id`, `ood` and `speedup`."""
-  plt, fig = _figure(10.0, 3.6)
-  acc_ax, speed_ax = fig.subplots(1, 2)
-  for kind, marker in (("uniform", "o"), ("searched", "s")):
-    chosen = sorted((p for p in points if p["rates_from"] in (kind, "unpruned")),
-                    key=lambda p: p["total_sparsity"])
-    if len(chosen) < 2:
-      continue
-    x = [p["total_sparsity"] for p in chosen]
-    for split, style in (("id", "-"), ("ood", "--")):
-      acc_ax.plot(x, [p[split] for p in chosen], style, marker=marker,
-                  label=f"{split.upper()}, {kind} rates")
-    speed_ax.plot(x, [p["speedup"] for p in chosen], marker=marker, label=f"{kind} rates")
-  acc_ax.set_ylabel("zero-shot accuracy (%)")
-  speed_ax.set_ylabel("measured forward speed-up (×)")
-  speed_ax.axhline(1.0, color="grey", lw=0.8)
-  for ax in (acc_ax, speed_ax):
-    ax.set_xlabel("fraction of parameters removed")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
-  fig.suptitle("structured pruning of heads and MLP channels (no retraining)")
-  fig.savefig(path, bbox_inches="tight")
-  plt.close(fig)
-
-
-def plot_scaling(points: list[dict], axes: list[str], path: str) -> None:
-  """One panel per varied axis: seconds per task of the method's step and of the plain
-  forward+backward (log scale). Each point has `axis`, `value`, `method`, `seconds_per_task`
-  and `plain_seconds_per_task`; points that ran out of memory (`oom`) are left out."""
-  plt, fig = _figure(3.2 * len(axes), 3.2)
-  panels = fig.subplots(1, len(axes), squeeze=False)[0]
-  for ax, axis in zip(panels, axes):
-    done = [p for p in points if p["axis"] == axis and not p.get("oom")]
-    labels = [str(p["value"]) for p in done]
-    ax.plot(labels, [p["seconds_per_task"] for p in done], "o-",
-            label=done[0]["method"] if done else "step")
-    ax.plot(labels, [p["plain_seconds_per_task"] for p in done], "s--", label="plain fwd+bwd")
-    ax.set_xlabel(axis.replace("_", " "))
-    ax.set_ylabel("seconds per task")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, bbox_inches="tight")
-  plt.close(fig)
-
-
 def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image_size: int,
                       episodes: int = 100, seed: int = 0) -> list[str]:
   """The figures of a SMAT/SoftMerge run (and their .json) into `out_dir`; the files written."""
@@ -263,7 +166,7 @@ def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image
   figures = []  # (name, density [M, L] per type, label)
   if "masks" in run.params:  # a mask strategy: its (fixed) masks are what meta-test uses
     figures.append(("mask_density", meta_test_density(run),
-                    f"density of the {run.hp.mask_strategy.__class__.__name__} masks"))
+                    f"density of the {run.hp.experts.mask_strategy.__class__.__name__} masks"))
   elif run.hp.method == "smat":
     figures += [(name, density_by_layer(run.params["gates"], run.theta_pre, expected), label)
                 for name, expected, label in (

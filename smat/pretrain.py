@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from smat import evaluate, fewshot, protonet, training
+from smat import evaluate, protonet, training
 from smat.data import augment as aug
 from smat.data.episodes import resize
 from smat.data.spec import load_domains
@@ -263,8 +263,6 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   `stop_after` ends this invocation after that many total steps (as a crash would) — the next
   call resumes from the latest checkpoint.
   """
-  from tqdm.auto import tqdm
-
   from smat import runs
 
   runs.prepare_workdir(workdir)  # a file or read-only workdir fails before any work
@@ -288,38 +286,28 @@ def pretrain(config, workdir: str, stop_after: int | None = None, progress: bool
   start = int(state.step)
   end = p.steps if stop_after is None else min(stop_after, p.steps)
   key = jax.random.key(config.seed + 1)
-  log = training.MetricsLog(workdir, resume_step=start)
-  bar = tqdm(total=p.steps, initial=start, desc=f"pretrain ({objective})", unit="step",
-             disable=not progress)
-  last_time, last_step = time.perf_counter(), start
-  try:
-    batches = grain.MapDataset.range(start, end).map(data.batch).to_iter_dataset(
-        grain.ReadOptions(num_threads=config.data.loader_threads,
-                          prefetch_buffer_size=config.data.prefetch))
-    for step, batch in zip(range(start, end), batches):
-      arrays = training.local_slice(batch, sharded, p.batch_size)
-      state, metrics = step_fn(state, *arrays, key)
-      done = step + 1
-      if done % p.log_every == 0 or done == end or done % p.checkpoint_every == 0:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(map(math.isfinite, metrics.values())):
-          good = manager.latest_step()
-          raise SmatError(f"non-finite loss or gradient at step {done} ({metrics}); the last good "
-                          f"checkpoint is step {good} in {workdir}/checkpoints. Lower "
-                          f"pretrain.lr or raise pretrain.warmup_steps and run again.")
-        now = time.perf_counter()
-        metrics["images_per_s"] = (done - last_step) * p.batch_size / max(now - last_time, 1e-9)
-        metrics["lr"] = float(run.lr(done))
-        last_time, last_step = now, done
-        log.write(done, metrics)
-        bar.set_postfix({short: f"{metrics[name]:.3f}" for name, short in run.postfix.items()})
-        if done % p.checkpoint_every == 0 or done == end:
-          _save(manager, state)
-      bar.update(1)
-  finally:
-    bar.close()
-    manager.wait_until_finished()
-    log.close()
+
+  def scalars(metrics, state, done):
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(map(math.isfinite, metrics.values())):
+      raise SmatError(f"non-finite loss or gradient at step {done} ({metrics}); the last good "
+                      f"checkpoint is step {manager.latest_step()} in {workdir}/checkpoints. "
+                      f"Lower pretrain.lr or raise pretrain.warmup_steps and run again.")
+    return {**metrics, "lr": float(run.lr(done))}
+
+  saves = lambda done: done % p.checkpoint_every == 0 or done == end
+  hooks = training.Hooks(
+      step=lambda state, batch: step_fn(state, *training.local_slice(batch, sharded,
+                                                                     p.batch_size), key),
+      scalars=scalars, log_at=lambda done: done % p.log_every == 0 or saves(done),
+      checkpoint_at=saves, checkpoint=lambda state, done, write: _save(manager, state),
+      postfix=lambda m: {short: f"{m[name]:.3f}" for name, short in run.postfix.items()},
+      rate=("images_per_s", p.batch_size), finish=manager.wait_until_finished)
+  batches = grain.MapDataset.range(start, end).map(data.batch).to_iter_dataset(
+      grain.ReadOptions(num_threads=config.data.loader_threads,
+                        prefetch_buffer_size=config.data.prefetch))
+  state = training.train_loop(state, batches, start, end, p.steps, hooks, workdir,
+                              f"pretrain ({objective})", progress)
   if int(state.step) < p.steps:
     return {"stopped_at": int(state.step)}
   return finish(config, workdir, run.backbone(state), vit_config, progress, **run.provenance)
@@ -335,10 +323,11 @@ def finish(config, workdir: str, params, vit_config: vit.ViTConfig, progress: bo
   groups = {spec: load_domains(spec, config.data_dir or None, seed=config.seed)
             for spec in e.domains.split(",")}
   start = time.perf_counter()
-  report = fewshot.protonet_report(params, vit_config, groups, config.data.image_size,
-                                   shots=tuple(e.shots), ways=e.ways, queries=e.queries,
-                                   episodes=e.episodes, seed=config.seed, progress=progress)
-  result = {"report": report, "table": fewshot.report_table(report),
+  protocols = evaluate.fixed_protocols(config.data.image_size, e.ways, tuple(e.shots),
+                                       e.queries, episodes=e.episodes, seed=config.seed)
+  report = evaluate.report((params, vit_config), groups, protocols, progress=progress)
+  result = {"report": report, "table": evaluate.report_table(report),
+            "protocols": {k: p.describe() for k, p in protocols.items()},
             "eval_seconds": time.perf_counter() - start,
             "software": evaluate.software_versions()}
   with open(os.path.join(workdir, "fewshot.json"), "w") as f:

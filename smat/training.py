@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -126,3 +129,53 @@ def local_slice(tree, sharding: NamedSharding, global_size: int):
   local = global_size // jax.process_count()
   first = jax.process_index() * local
   return from_local(jax.tree.map(lambda x: np.asarray(x)[first:first + local], tree), sharding)
+
+
+class Hooks(NamedTuple):
+  """What a trainer gives `train_loop`: its step and what it does around it."""
+
+  step: Callable  # (state, host batch) -> (state, device metrics)
+  scalars: Callable  # (device metrics, state, step done) -> host scalars; raises on non-finite
+  log_at: Callable  # step done -> whether to log (the loop also logs the last step)
+  checkpoint_at: Callable  # step done -> whether to checkpoint
+  checkpoint: Callable  # (state, step done, write) validates/saves; write(step, scalars) logs
+  postfix: Callable  # scalars -> the progress bar's postfix
+  rate: tuple  # (name, items per step) of the logged throughput, e.g. ("tasks_per_s", 16)
+  finish: Callable = lambda: None  # on every exit, crash included (wait for saves)
+
+
+def train_loop(state, batches, start: int, end: int, total: int, hooks: Hooks, workdir: str,
+               desc: str, progress: bool = True):
+  """Steps `start … end - 1` over `batches`; logs to `<workdir>/metrics.jsonl` and
+  TensorBoard, shows progress and checkpoints as the hooks say. Returns the last state.
+
+  One loop for every trainer (pre-training, meta-training), so that logging, throughput,
+  progress and the order of checks → log → checkpoint are the same for all of them.
+  """
+  from tqdm.auto import tqdm
+
+  log = MetricsLog(workdir, resume_step=start)
+  bar = tqdm(total=total, initial=start, desc=desc, unit="step",
+             disable=not progress or not is_primary())
+  rate_name, per_step = hooks.rate
+  last_time, last_step = time.perf_counter(), start
+  try:
+    for step, batch in zip(range(start, end), batches):
+      state, metrics = hooks.step(state, batch)
+      done = step + 1
+      if hooks.log_at(done) or done == end:
+        scalars = hooks.scalars(metrics, state, done)
+        now = time.perf_counter()
+        scalars[rate_name] = (done - last_step) * per_step / max(now - last_time, 1e-9)
+        last_time, last_step = now, done
+        log.write(done, scalars)
+        bar.set_postfix(hooks.postfix(scalars))
+      if hooks.checkpoint_at(done):
+        hooks.checkpoint(state, done, log.write)
+        last_time = time.perf_counter()  # throughput leaves validation and saving out
+      bar.update(1)
+  finally:
+    bar.close()
+    log.close()
+    hooks.finish()
+  return state

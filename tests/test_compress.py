@@ -126,12 +126,12 @@ def test_fitness_of_keeping_everything_or_nothing_is_that_model_s_accuracy():
 
 
 def test_compression_benchmark_measures_each_point_once_and_resumes(monkeypatch, tmp_path):
-  """benchmarks/compression.py on the tiny model with evaluation replaced by a recorder of the
+  """experiments/compression.py on the tiny model with evaluation replaced by a recorder of the
   pruned parameters: uniform and searched rates per sparsity, searched rates keep the mean,
   the evaluated model is the zeroed one, and finished points are reused."""
   import json
 
-  from benchmarks import compression
+  from experiments import compression
 
   params = theta()
   batches = [ep.stack([make_episode(6), make_episode(7)])]
@@ -141,14 +141,14 @@ def test_compression_benchmark_measures_each_point_once_and_resumes(monkeypatch,
   monkeypatch.setattr(compression.sweep.spec_lib, "load_domains", lambda spec, seed: [spec])
   evaluated = []
 
-  def evaluate_domains(model, groups, sampler, size, episodes, seed, progress):
+  def evaluate_model(model, groups, protocol, progress):
     zeroed, _ = model
     kept = float((np.abs(np.asarray(zeroed["blocks"]["fc2"]["kernel"])).sum(-1) > 0).mean())
     evaluated.append(kept)
     return {s: {"accuracy": 100 * kept, "ci95": 1.0, "per_episode": [100 * kept]}
             for s in groups}
 
-  monkeypatch.setattr(compression.evaluate, "evaluate_domains", evaluate_domains)
+  monkeypatch.setattr(compression.evaluate, "evaluate", evaluate_model)
   out = str(tmp_path / "out")
   args = ["--sparsities", "0.25,0.5", "--population", "3", "--generations", "1",
           "--batch", "2", "--repeats", "1", "--episodes", "1", "--id", "a", "--ood", "b",

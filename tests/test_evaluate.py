@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from smat import cli, fewshot
@@ -89,3 +90,44 @@ def test_an_image_folder_is_evaluated_as_ood_zero_shot_and_fine_tuned(backbone, 
     assert row["episodes"] == 2 and row["ways_mean"] == 3 and 0 <= row["accuracy"] <= 100
   # Distinct colours per class: well above the 33% of chance, zero-shot.
   assert json.loads((tmp_path / "zero-shot.json").read_text())["domains"][spec]["accuracy"] > 50
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["feature-table", "per-episode"])
+def test_a_protocol_reports_the_episodes_after_its_reserve(glyphs_data_dir, backbone, cached,
+                                                           monkeypatch):
+  """Reserving r episodes reports stream episodes r, r+1, …: the same per-episode accuracies as
+  the tail of a protocol that reserves none, on either frozen-backbone route."""
+  from smat import evaluate
+
+  monkeypatch.setattr(fewshot, "worth_caching", lambda source, episodes: cached)
+  data_dir, _, _ = glyphs_data_dir
+  model = checkpoint.load(backbone)
+  groups = {"glyphs:ood": load_domains("glyphs:ood", str(data_dir))}
+  sampler = FixedSampler(3, 1, 2)
+  whole = evaluate.Protocol(sampler, 16, episodes=7, seed=3, reserved=0)
+  tail = evaluate.Protocol(sampler, 16, episodes=4, seed=3, reserved=3)
+  everything = evaluate.evaluate(model, groups, whole, progress=False)["glyphs:ood"]
+  after = evaluate.evaluate(model, groups, tail, progress=False)["glyphs:ood"]
+  assert after["episodes"] == 4
+  np.testing.assert_allclose(after["per_episode"], everything["per_episode"][3:], atol=1e-3)
+
+
+def test_a_report_is_evaluate_on_each_protocol(glyphs_data_dir, backbone):
+  """`report`'s cells are `evaluate`'s results on each protocol (features shared between the
+  protocols change no number), labelled as `fixed_protocols` names them."""
+  from smat import evaluate
+
+  data_dir, _, _ = glyphs_data_dir
+  model = checkpoint.load(backbone)
+  groups = {spec: load_domains(spec, str(data_dir)) for spec in ("glyphs:id", "glyphs:ood")}
+  protocols = evaluate.fixed_protocols(16, ways=3, shots=(1, 2), queries=2, episodes=5, seed=1)
+  assert list(protocols) == ["3w1s", "3w2s"]
+  assert protocols["3w2s"].describe()["shots"] == 2
+  assert protocols["3w2s"].describe()["reserved_episodes"] == 5
+  report = evaluate.report(model, groups, protocols, progress=False)
+  assert list(report) == ["glyphs:id", "glyphs:ood"] and list(report["glyphs:id"]) == ["3w1s", "3w2s"]
+  for label, protocol in protocols.items():
+    alone = evaluate.evaluate(model, groups, protocol, progress=False)
+    for spec in groups:
+      assert report[spec][label]["per_episode"] == alone[spec]["per_episode"]
+      assert report[spec][label]["accuracy"] == alone[spec]["accuracy"]

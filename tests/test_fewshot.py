@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from smat import fewshot
+from smat import evaluate, fewshot
 from smat.data import loader
 from smat.data.samplers import FixedSampler, MetaDatasetSampler
 from smat.data.spec import load_domains
@@ -63,6 +63,6 @@ def test_cached_features_give_the_direct_accuracies(glyphs_data_dir, tiny_backbo
 
 def test_report_table_layout():
   cell = {"accuracy": 55.5, "ci95": 1.25, "episodes": 600}
-  table = fewshot.report_table({"glyphs:id": {"5w1s": cell, "5w5s": cell}})
+  table = evaluate.report_table({"glyphs:id": {"5w1s": cell, "5w5s": cell}})
   assert table.splitlines() == ["| domain | 5w1s | 5w5s |", "|---|---|---|",
                                 "| glyphs:id | 55.50 ± 1.25 | 55.50 ± 1.25 |"]

@@ -33,7 +33,7 @@ FT = finetune.FinetuneConfig(steps=2, lrs=(0.0, 1e-3), search_episodes=2)  # syn
 FT_GLYPHS = finetune.FinetuneConfig(steps=1, lrs=(0.0, 1e-3), search_episodes=2)
 SEED = 3
 SAMPLER = FixedSampler(3, 1, 1)
-SMAT_HP = tasks.Hyper(method="smat", vit=CFG, num_experts=2)
+SMAT_HP = tasks.Hyper.of(method="smat", vit=CFG, num_experts=2)
 
 # XLA's cheapest CPU settings: these tests are dominated by compile time, not run time.
 _CHEAP_COMPILE = cheap_compile.options()
@@ -259,7 +259,7 @@ def smat_model():
   entries closed in both experts (so the merged mask has zeros). Built in numpy (tracing
   `meta_step.init_params` costs seconds), with `init_params`'s tree structure."""
   theta_pre, rng = theta(), np.random.default_rng(11)
-  count = SMAT_HP.num_experts
+  count = SMAT_HP.experts.num_experts
 
   def gate(shape):
     if shape is None:
@@ -276,7 +276,8 @@ def smat_model():
             "gates": jax.tree.map(gate, shapes, is_leaf=lambda x: x is None or
                                   isinstance(x, tuple)),
             "lam": jnp.zeros((count,)), "router": router_params}
-  structured = dataclasses.replace(SMAT_HP, structured=True, freeze_embeddings=True)
+  structured = dataclasses.replace(SMAT_HP, experts=dataclasses.replace(
+      SMAT_HP.experts, structured=True, freeze_embeddings=True))
   reference = jax.eval_shape(lambda key: meta_step.init_params(key, theta_pre, structured),
                              jax.random.key(0))
   assert jax.tree.map(lambda x: x.shape, (params, router_state)) == jax.tree.map(
@@ -332,7 +333,7 @@ def test_sparse_finetuning_of_a_smat_task_follows_its_merged_mask():
 
 def test_sparse_needs_a_smat_model():
   """Pre and PMF have no merged mask, so sparse fine-tuning refuses them up front."""
-  pmf = metatrain.Run(tasks.Hyper(method="pmf", vit=CFG), theta(), {}, {}, 0)
+  pmf = metatrain.Run(tasks.Hyper.of(method="pmf", vit=CFG), theta(), {}, {}, 0)
   for model in ((theta(), CFG), pmf):
     with pytest.raises(SmatError, match="SMAT"):
       finetune._jobs_accuracy(model, finetune.Sparse(), None, [(0, 0.0)], 0, FT, 1)
@@ -523,9 +524,10 @@ def test_same_seed_gives_the_same_episodes_for_every_method_and_mode(glyphs_data
   expected = [glyph_source(data_dir, first=2).episode(i) for i in range(3)]
   reserved = glyph_source(data_dir).episode(0)
   assert not np.array_equal(expected[0].support_images, reserved.support_images)
-  run = lambda model, adapt, lr=None: evaluate.evaluate_domains(
-      model, groups, SAMPLER, CFG.image_size, 3, SEED, adapt, FT_GLYPHS, lr, batch_size=1,
-      progress=False)["glyphs:ood"]
+  protocol = evaluate.Protocol(SAMPLER, CFG.image_size, 3, SEED,
+                               reserved=FT_GLYPHS.search_episodes)
+  run = lambda model, adapt, lr=None: evaluate.evaluate(
+      model, groups, protocol, adapt, FT_GLYPHS, lr, batch_size=1, progress=False)["glyphs:ood"]
 
   seen = []
   monkeypatch.setattr(finetune, "finetune_batch", recorder(

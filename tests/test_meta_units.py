@@ -53,7 +53,7 @@ def theta_pre():
 
 
 def hyper(method: str = "smat", **overrides) -> tasks.Hyper:
-  return tasks.Hyper(method=method, vit=CFG, num_experts=M, **overrides)
+  return tasks.Hyper.of(method=method, vit=CFG, num_experts=M, **overrides)
 
 
 def make_episode(seed: int, ways: int = 3, shots: int = 2, queries: int = 2,
@@ -659,8 +659,8 @@ def test_meta_batch_loss_gradient_flow():
   sparsity, alpha = batch["expert_sparsity"], metrics["alpha"].mean(0)
   np.testing.assert_allclose(sparsity, jax.device_get(experts.sparsity(
       experts.eval_masks(params["gates"]), theta_pre())), atol=1e-7)
-  assert np.all(sparsity < hp.target_sparsity) and np.all(alpha > 0)
-  np.testing.assert_allclose(grads["lam"], alpha * (sparsity - hp.target_sparsity), rtol=1e-5)
+  assert np.all(sparsity < hp.experts.target_sparsity) and np.all(alpha > 0)
+  np.testing.assert_allclose(grads["lam"], alpha * (sparsity - hp.experts.target_sparsity), rtol=1e-5)
   assert np.all(grads["lam"] < 0)
 
 
@@ -678,7 +678,7 @@ def test_lagrangian_measures_the_deterministic_masks_not_the_sampled_ones():
   sampled = np.asarray(metrics["sampled_sparsity"])
   assert np.all(sampled > 0.5)  # the sampled gates look sparse ...
   alpha = metrics["alpha"].mean(0)
-  np.testing.assert_allclose(grads["lam"], alpha * (0.0 - hp.target_sparsity), rtol=1e-5)
+  np.testing.assert_allclose(grads["lam"], alpha * (0.0 - hp.experts.target_sparsity), rtol=1e-5)
   # ... and at log α = −2.5 the deterministic gates are all 0 (sparsity 1 > τ: no pressure).
   params = {**params, "gates": jax.tree.map(lambda g: jnp.full_like(g, -2.5), params["gates"])}
   (_, (_, batch)), _ = _run_loss_grad(
@@ -709,7 +709,7 @@ def test_theta_pre_gets_gradient_only_through_the_task_parameters():
 
   def through_task(gate_logits, alpha, g):
     _, k_gates = jax.random.split(key)  # as tasks.expert_loss splits it (SMAT's task loss)
-    merged = experts.merge(alpha, experts.sample_masks(k_gates, gate_logits, hp.gate_noise))
+    merged = experts.merge(alpha, experts.sample_masks(k_gates, gate_logits, hp.experts.gate_noise))
     return jax.tree.map(lambda m, x: m * x, merged, g)
 
   expected = cheap_jit(through_task)(params["gates"], metrics["alpha"], g_theta)
@@ -725,9 +725,9 @@ def test_lambda_gradient_once_every_expert_is_sparse():
   (_, (metrics, batch_metrics)), (grads, _) = _run_loss_grad(
       params, router_state, meta_batch(), step._task_keys(jax.random.key(4), 2))
   sparsity, alpha = batch_metrics["expert_sparsity"], metrics["alpha"].mean(0)
-  assert np.all(sparsity > hp.target_sparsity) and np.all(alpha > 0)
+  assert np.all(sparsity > hp.experts.target_sparsity) and np.all(alpha > 0)
   # L_lagr's gradient ᾱ (s − τ) > 0 (descent lowers λ; `reset` zeros it first in the step) ...
-  np.testing.assert_allclose(grads["lam"], alpha * (sparsity - hp.target_sparsity), rtol=1e-5)
+  np.testing.assert_allclose(grads["lam"], alpha * (sparsity - hp.experts.target_sparsity), rtol=1e-5)
   # ... and L_sparse uses the reset λ = 0, so it puts no pressure on the gates.
   assert float(batch_metrics["sparsity_loss"]) == 0.0
 
@@ -853,7 +853,7 @@ def test_meta_train_step(method):
   if method == "smat":
     lam_old, lam_new = old.params["lam"], np.asarray(state.params["lam"])
     assert np.all(lam_new > lam_old)  # every expert is denser than τ: ascent
-    assert np.all(lam_new - lam_old <= defaults.base().optim.lambda_lr * hp.target_sparsity)
+    assert np.all(lam_new - lam_old <= defaults.base().optim.lambda_lr * hp.experts.target_sparsity)
     flat = lambda tree: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
     g = flat(state.params["gates"])
     lo, hi = np.float32(gates.LOG_ALPHA_MIN), np.float32(gates.LOG_ALPHA_MAX)
@@ -915,7 +915,7 @@ def test_meta_train_step_keeps_lambda_of_a_sparse_expert_at_zero():
   state = _smat_state_fn()(*smat_trainable(), jnp.ones((M,)), jnp.array([True, False, False]))
   state, summary = train(state, meta_batch(), jax.random.key(22), theta_pre())
   sparsity, lam = np.asarray(summary["expert_sparsity"]), np.asarray(state.params["lam"])
-  assert sparsity[0] > hp.target_sparsity and np.all(sparsity[1:] < hp.target_sparsity)
+  assert sparsity[0] > hp.experts.target_sparsity and np.all(sparsity[1:] < hp.experts.target_sparsity)
   assert np.all(np.asarray(summary["alpha"]) > 0)
   assert lam[0] == 0.0
   assert np.all(lam[1:] > 1.0)

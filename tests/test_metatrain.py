@@ -588,7 +588,7 @@ def test_export_theta_task_and_merged_models_of_a_smat_run(shared, tmp_path, cap
                    "--support", str(support), "--out", str(out)]) == 0
   tensors, meta = _read_export(out)
   alpha = np.asarray(meta["alpha"])
-  assert meta["model"] == "θ_task" and alpha.shape == (run.hp.num_experts,)
+  assert meta["model"] == "θ_task" and alpha.shape == (run.hp.experts.num_experts,)
   assert alpha.sum() == pytest.approx(1.0, abs=1e-6)
   assert meta["architecture"]["width"] == run.hp.vit.width
   theta = convert.convert(tensors, "timm", run.hp.vit)
@@ -621,7 +621,7 @@ def test_export_theta_task_and_merged_models_of_a_smat_run(shared, tmp_path, cap
   assert cli.main([*export_args, "--skip-corrupt"]) == 0
   np.testing.assert_allclose(_read_export(out)[1]["alpha"], alpha, atol=1e-6)
 
-  weights = [3.0] + [1.0] * (run.hp.num_experts - 1)
+  weights = [3.0] + [1.0] * (run.hp.experts.num_experts - 1)
   assert cli.main(["export", "--workdir", workdir, "--checkpoint", "checkpoints", "--alpha",
                    ",".join(map(str, weights)), "--out", str(out)]) == 0
   tensors, meta = _read_export(out)
@@ -633,9 +633,9 @@ def test_export_theta_task_and_merged_models_of_a_smat_run(shared, tmp_path, cap
   capsys.readouterr()
   assert cli.main(["export", "--workdir", workdir, "--out", str(out)]) == 2
   assert "--support DIR" in capsys.readouterr().err
-  too_many = ",".join(["1"] * (run.hp.num_experts + 1))
+  too_many = ",".join(["1"] * (run.hp.experts.num_experts + 1))
   assert cli.main(["export", "--workdir", workdir, "--alpha", too_many, "--out", str(out)]) == 2
-  assert f"{run.hp.num_experts} non-negative weights" in capsys.readouterr().err
+  assert f"{run.hp.experts.num_experts} non-negative weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("masks", ["influence", "random", "circuit"])

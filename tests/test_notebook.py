@@ -40,6 +40,6 @@ def test_the_notebook_runs_top_to_bottom(glyphs_data_dir, tmp_path, monkeypatch)
                 f"WORKDIR = {str(tmp_path / 'tour')!r}\nIMAGE_SIZE = 16\nOVERRIDES = []\n")
     exec(compile(source, f"{NOTEBOOK.name} [{cell['id']}]", "exec"), namespace)
   assert (tmp_path / "tour" / "tour_mask_density.png").stat().st_size > 0
-  assert namespace["alpha"].shape == (namespace["run"].hp.num_experts,)
+  assert namespace["alpha"].shape == (namespace["run"].hp.experts.num_experts,)
   for result in (namespace["zero_shot"], namespace["tuned"]):
     assert 0 <= result["glyphs:id"]["accuracy"] <= 100

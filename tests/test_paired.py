@@ -1,9 +1,9 @@
-"""benchmarks.paired: per-episode differences of two main-job results on the same episodes."""
+"""experiments.paired: per-episode differences of two main-job results on the same episodes."""
 
 import numpy as np
 import pytest
 
-from benchmarks import paired
+from experiments import paired
 
 
 def _results(per_episode, seed=0):
@@ -24,6 +24,12 @@ def test_paired_difference_is_the_mean_and_ci_of_the_episode_differences():
 def test_results_of_other_episodes_are_refused():
   with pytest.raises(SystemExit, match="seed"):
     paired.differences(_results([1.0, 2.0]), _results([1.0, 2.0], seed=1))
+  # A protocol that reserves lr-search episodes reports other episodes than one that does not
+  # (a result without the field reported from episode 0).
+  reserved = {**_results([1.0, 2.0]), "reserved_episodes": 5}
+  with pytest.raises(SystemExit, match="reserved_episodes"):
+    paired.differences(_results([1.0, 2.0]), reserved)
+  assert paired.differences(reserved, dict(reserved))
 
 
 def test_between_methods_of_one_result_on_its_identical_episodes(tmp_path):

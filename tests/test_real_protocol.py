@@ -1,6 +1,6 @@
 """The paper's protocol end to end at toy size, stage by stage as docs/real-data.md runs it:
 meta-train the Meta-Dataset config on the 8 training sources, `smat evaluate` its benchmark's
-10 test sources by default, and the paper's table from `benchmarks.tables --rows run` — on
+10 test sources by default, and the paper's table from `experiments.tables --rows run` — on
 P>M>F's .h5 layout (fixture files) and on the TFDS builders' layout (TFDS's mocks)."""
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import md_fixtures
-from benchmarks import tables
+from experiments import tables
 from smat import cli
 from smat.data import spec as spec_lib
 from smat.data.sources import tfds_source

@@ -240,7 +240,7 @@ def test_expert_gradient_shares_sum_to_the_delta_gradient_and_follow_alpha_and_m
   from smat.meta import step, tasks
 
   cfg = vit.ViTConfig(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, image_size=8)
-  hp = tasks.Hyper(method="smat", vit=cfg, num_experts=2,
+  hp = tasks.Hyper.of(method="smat", vit=cfg, num_experts=2,
                    mask_strategy=sparsity.Random(density=0.5))
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(3, dtype=np.int32), 2)
@@ -278,7 +278,7 @@ def test_circuit_rediscovery_in_meta_training_weights_each_task_by_its_alpha():
 
   cfg = vit.ViTConfig(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, image_size=16)
   strategy = sparsity.Circuit(density=0.2, every=2, group_size=8)
-  hp = tasks.Hyper(method="smat", vit=cfg, num_experts=2, mask_strategy=strategy)
+  hp = tasks.Hyper.of(method="smat", vit=cfg, num_experts=2, mask_strategy=strategy)
   batch = ep.stack([make_episode(4), make_episode(5)])
   key = jax.random.key(6)
   theta = vit.init(cfg, key)

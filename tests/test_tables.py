@@ -1,6 +1,6 @@
-"""benchmarks/tables.py: the paper-layout table from finished cells (averages, missing cells)."""
+"""experiments/tables.py: the paper-layout table from finished cells (averages, missing cells)."""
 
-from benchmarks import tables
+from experiments import tables
 
 
 def _cell(accuracy, ci):
@@ -53,13 +53,13 @@ def test_paired_differences_use_the_same_episodes():
 
 
 def test_strategies_benchmark_trains_each_strategy_once_and_resumes(monkeypatch, tmp_path):
-  """benchmarks/strategies.py with training and evaluation replaced by recorders: every
+  """experiments/strategies.py with training and evaluation replaced by recorders: every
   strategy is meta-trained at τ with its masks, Self-Pruner gets the searched rates, finished
   cells are reused, and the table pairs learned against every strategy."""
   import json
   import types
 
-  from benchmarks import strategies
+  from experiments import strategies
 
   trained, searched = [], []
   monkeypatch.setattr(strategies.sweep, "train_point",
@@ -74,11 +74,12 @@ def test_strategies_benchmark_trains_each_strategy_once_and_resumes(monkeypatch,
   monkeypatch.setattr(strategies.sweep.spec_lib, "load_domains", lambda spec, seed: [spec])
   score = {"learned": 80.0, "random": 70.0, "selfpruner": 75.0}
 
-  def evaluate_domains(run, groups, sampler, size, episodes, seed):
+  def evaluate_model(run, groups, protocol):
     acc = score[run.workdir.rsplit("/", 1)[1].split("_")[0]]
-    return {s: {"accuracy": acc, "ci95": 1.0, "per_episode": [acc] * episodes} for s in groups}
+    return {s: {"accuracy": acc, "ci95": 1.0, "per_episode": [acc] * protocol.episodes}
+            for s in groups}
 
-  monkeypatch.setattr(strategies.evaluate, "evaluate_domains", evaluate_domains)
+  monkeypatch.setattr(strategies.evaluate, "evaluate", evaluate_model)
   monkeypatch.setattr(strategies.plots, "meta_test_density", lambda run: {})
   monkeypatch.setattr(strategies.plots, "density_summary", lambda density, theta: {
       "by_type": {"fc1": 0.1}})

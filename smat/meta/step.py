@@ -5,7 +5,7 @@ Trainable state (θ_pre is an argument, never optimised or checkpointed):
   gates   log_α, [M, *G] per backbone leaf                     (smat)
   lam     λ [M]                                                  (smat)
   router  block, skill tokens, expert keys                       (smat, softmerge)
-  masks   the experts' masks [M, *P] from a mask strategy (smat with `hp.mask_strategy`, in
+  masks   the experts' masks [M, *P] from a mask strategy (smat with `hp.experts.mask_strategy`, in
           place of gates and λ); the strategy's own state is `MetaState.mask_state`
 Optimiser groups (one `optax.multi_transform` from the top-level key):
   delta   weight decay + SGD momentum
@@ -147,7 +147,7 @@ def meta_train_step(state: MetaState, episodes, rng: jax.Array, theta_pre, *,
   summary.update(batch, loss=loss, grad_norm=optax.tree.norm(grads), temperature=temp,
                  finite=finite.astype(jnp.float32))
   if "alpha" in metrics:  # how often each expert weighs more than an even share
-    summary["selected"] = (metrics["alpha"] > 1.0 / hp.num_experts).mean(0)
+    summary["selected"] = (metrics["alpha"] > 1.0 / hp.experts.num_experts).mean(0)
   summary.update(method.logged(new_params))
   return new_state, summary
 

@@ -22,17 +22,9 @@ sg = jax.lax.stop_gradient
 
 
 @dataclasses.dataclass(frozen=True)
-class Hyper:
-  """Static hyper-parameters of a task loss (hashable: part of the jitted step's identity)."""
+class LossConfig:
+  """The task loss: the inner step, the two teachers' distillation, the ProtoNet head."""
 
-  method: str = "smat"
-  vit: vit.ViTConfig | None = None
-  num_experts: int = 8
-  target_sparsity: float = 0.9  # τ
-  gate_noise: float = gates.REFERENCE_NOISE  # half width of u around 0.5 (the authors' 1e-6)
-  # Meta-training episodes' augmentation (random resized crop, colour jitter, flip), drawn on
-  # device from each task's key; None: the episodes as loaded.
-  augment: augment.AugmentConfig | None = None
   inner_lr: float = 1e-3
   teacher_lr: float = 5e-3
   kd_temperature: float = 2.0
@@ -41,9 +33,19 @@ class Hyper:
   kd_weight: float = 0.25
   router_logit_weight: float = 1e-4
   cosine_scale: float = protonet.COSINE_SCALE
-  temperature_start: float = 5.0
-  temperature_floor: float = 0.5
-  temperature_decay_tasks: float = 4000.0
+
+  def __post_init__(self):
+    if self.kd_direction not in ("reverse", "forward"):
+      raise ValueError(f"kd_direction {self.kd_direction!r}: use 'reverse' or 'forward'")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+  """The M experts and what masks them."""
+
+  num_experts: int = 8
+  target_sparsity: float = 0.9  # τ
+  gate_noise: float = gates.REFERENCE_NOISE  # half width of u around 0.5 (the authors' 1e-6)
   # A `smat.sparsity` strategy giving the experts' masks in place of learned gates (None: SMAT's
   # hard-concrete gates). Its masks live in the trainable tree as `masks` [M, *P], never trained.
   mask_strategy: object = None
@@ -51,19 +53,55 @@ class Hyper:
   # per weight; the embeddings without gates (their δ stays 0).
   structured: bool = False
   freeze_embeddings: bool = False
-  # The meta-batch runs in this many sequential chunks of tasks, each recomputed in the backward
-  # pass: activation memory ÷ chunks for one more forward. 1: every task at once (fastest).
+
+
+@dataclasses.dataclass(frozen=True)
+class TemperatureSchedule:
+  """The router's softmax temperature over the tasks seen (`router.temperature`)."""
+
+  start: float = 5.0
+  floor: float = 0.5
+  decay_tasks: float = 4000.0
+
+  def __call__(self, tasks_seen) -> jax.Array:
+    return router.temperature(tasks_seen, self.start, self.floor, self.decay_tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+  """A run's static hyper-parameters, by concern (hashable: part of the jitted step's
+  identity). `Hyper.of` builds one from flat field names."""
+
+  method: str = "smat"
+  vit: vit.ViTConfig | None = None
+  loss: LossConfig = LossConfig()
+  experts: ExpertConfig = ExpertConfig()
+  temperature: TemperatureSchedule = TemperatureSchedule()
+  # Meta-training episodes' augmentation (random resized crop, colour jitter, flip), drawn on
+  # device from each task's key; None: the episodes as loaded.
+  augment: augment.AugmentConfig | None = None
+  # Execution, not maths: the meta-batch runs in this many sequential chunks of tasks, each
+  # recomputed in the backward pass: activation memory ÷ chunks for one more forward.
   task_chunks: int = 1
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"method {self.method!r} is not one of {METHODS}")
-    if self.kd_direction not in ("reverse", "forward"):
-      raise ValueError(f"kd_direction {self.kd_direction!r}: use 'reverse' or 'forward'")
 
-  def temperature(self, tasks_seen) -> jax.Array:
-    return router.temperature(tasks_seen, self.temperature_start, self.temperature_floor,
-                              self.temperature_decay_tasks)
+  @classmethod
+  def of(cls, method: str = "smat", vit=None, augment=None, task_chunks: int = 1,
+         temperature_start: float = 5.0, temperature_floor: float = 0.5,
+         temperature_decay_tasks: float = 4000.0, **fields) -> "Hyper":
+    """A Hyper from flat names: those of `LossConfig` and `ExpertConfig`, and the router's
+    temperature_start / _floor / _decay_tasks."""
+    names = lambda c: {f.name for f in dataclasses.fields(c)}
+    unknown = set(fields) - names(LossConfig) - names(ExpertConfig)
+    if unknown:
+      raise TypeError(f"unknown hyper-parameters {sorted(unknown)}")
+    pick = lambda c: c(**{k: v for k, v in fields.items() if k in names(c)})
+    return cls(method, vit, pick(LossConfig), pick(ExpertConfig),
+               TemperatureSchedule(temperature_start, temperature_floor, temperature_decay_tasks),
+               augment, task_chunks)
 
 
 def features(theta, images: jax.Array, config: vit.ViTConfig) -> jax.Array:
@@ -80,7 +118,7 @@ def augmented(episode, key, hp: Hyper):
 
 
 def logits_of(f: jax.Array, head: jax.Array, class_mask: jax.Array, hp: Hyper) -> jax.Array:
-  return protonet.cosine_logits(f, head, class_mask, hp.cosine_scale)
+  return protonet.cosine_logits(f, head, class_mask, hp.loss.cosine_scale)
 
 
 def kl_divergence(p_logits: jax.Array, q_logits: jax.Array, mask: jax.Array, t: float):
@@ -92,10 +130,10 @@ def kl_divergence(p_logits: jax.Array, q_logits: jax.Array, mask: jax.Array, t: 
 
 
 def distillation(student: jax.Array, teacher: jax.Array, mask: jax.Array, hp: Hyper):
-  """T² · KL with T = hp.kd_temperature; "reverse" = KL(student‖teacher) (the authors' call)."""
+  """T² · KL with T = kd_temperature; "reverse" = KL(student‖teacher) (the authors' call)."""
   teacher = sg(teacher)
-  pair = (student, teacher) if hp.kd_direction == "reverse" else (teacher, student)
-  return hp.kd_temperature ** 2 * kl_divergence(*pair, mask, hp.kd_temperature)
+  pair = (student, teacher) if hp.loss.kd_direction == "reverse" else (teacher, student)
+  return hp.loss.kd_temperature ** 2 * kl_divergence(*pair, mask, hp.loss.kd_temperature)
 
 
 def inner_step(theta, episode, hp: Hyper):
@@ -117,8 +155,8 @@ def inner_step(theta, episode, hp: Hyper):
   (ce, logits), (g_f, g_head) = jax.value_and_grad(support_ce, (0, 1), has_aux=True)(
       sg(f_s), sg(protos))
   (g_theta,) = vjp(g_f)
-  adapted = jax.tree.map(lambda p, g: p - hp.inner_lr * sg(g), theta, g_theta)
-  head = sg(protos - hp.inner_lr * g_head) + protos - sg(protos)
+  adapted = jax.tree.map(lambda p, g: p - hp.loss.inner_lr * sg(g), theta, g_theta)
+  head = sg(protos - hp.loss.inner_lr * g_head) + protos - sg(protos)
   accuracy = protonet.accuracy(logits, episode.support_labels, episode.support_mask)
   return adapted, head, ce, accuracy
 
@@ -131,8 +169,8 @@ def dense_teacher(adapted, head, f_q, vjp_q, episode, hp: Hyper) -> jax.Array:
 
   g_f, g_head = jax.grad(query_ce, (0, 1))(sg(f_q), sg(head))
   (g_theta,) = vjp_q(g_f)
-  teacher = jax.tree.map(lambda p, g: sg(p - hp.teacher_lr * g), adapted, g_theta)
-  teacher_head = sg(head - hp.teacher_lr * g_head)
+  teacher = jax.tree.map(lambda p, g: sg(p - hp.loss.teacher_lr * g), adapted, g_theta)
+  teacher_head = sg(head - hp.loss.teacher_lr * g_head)
   f_t = features(teacher, episode.query_images, hp.vit)
   return sg(logits_of(f_t, teacher_head, episode.class_mask, hp))
 
@@ -164,7 +202,8 @@ def expert_loss(theta_task, theta_pre, router_params, episode, key, temp, hp: Hy
   kd = 0.5 * (distillation(student, teacher, episode.query_mask, hp)
               + distillation(student, pre, episode.query_mask, hp))
   logit_penalty = jnp.mean(logits ** 2)
-  loss = hp.ce_weight * ce + hp.kd_weight * kd + hp.router_logit_weight * logit_penalty
+  w = hp.loss
+  loss = w.ce_weight * ce + w.kd_weight * kd + w.router_logit_weight * logit_penalty
   metrics = {
       "query_ce": ce, "kd": kd, "support_ce": support_ce, "support_accuracy": support_acc,
       "query_accuracy": protonet.accuracy(student, episode.query_labels, episode.query_mask),

@@ -34,14 +34,14 @@ __all__ = ["Init", "Method", "PMF", "SoftMerge", "SMAT", "Masked", "Rediscovered
 
 
 def get(hp) -> Method:
-  """The method of a run's static hyper-parameters (`hp.method`, `hp.mask_strategy`)."""
+  """The method of a run's static hyper-parameters (`hp.method`, `hp.experts.mask_strategy`)."""
   if hp.method == "pmf":
     return PMF(hp)
   if hp.method == "softmerge":
     return SoftMerge(hp)
-  if hp.mask_strategy is None:
+  if hp.experts.mask_strategy is None:
     return SMAT(hp)
-  return Rediscovered(hp) if hasattr(hp.mask_strategy, "rediscover") else Masked(hp)
+  return Rediscovered(hp) if hasattr(hp.experts.mask_strategy, "rediscover") else Masked(hp)
 
 
 def zero_shot_task(trainable, theta_pre, router_params, episode, hp, temp):

@@ -27,18 +27,18 @@ class Masked(Method):
 
   @property
   def strategy(self):
-    return self.hp.mask_strategy
+    return self.hp.experts.mask_strategy
 
   def init_mask_state(self, key, theta_pre):
     """The strategy's state for each expert [M, ...], drawn from the branch of the key that
     learned gates draw from."""
-    keys = jax.random.split(jax.random.split(key)[0], self.hp.num_experts)
+    keys = jax.random.split(jax.random.split(key)[0], self.hp.experts.num_experts)
     return jax.vmap(self.strategy.init, (None, 0))(experts.init_delta(theta_pre), keys)
 
   def init(self, key, theta_pre) -> Init:
     _, k_router = jax.random.split(key)
     dim = jax.tree.leaves(theta_pre["cls_token"])[0].shape[-1]
-    router_params, router_state = router.init(k_router, dim, self.hp.num_experts)
+    router_params, router_state = router.init(k_router, dim, self.hp.experts.num_experts)
     mask_state = self.init_mask_state(key, theta_pre)
     # A strategy's `mask` may return its state's own array; the step donates params and state,
     # so they must not share a buffer.

@@ -20,24 +20,24 @@ class SMAT(Method):
     hp = self.hp
     k_gates, k_router = jax.random.split(key)
     dim = jax.tree.leaves(theta_pre["cls_token"])[0].shape[-1]
-    router_params, router_state = router.init(k_router, dim, hp.num_experts)
+    router_params, router_state = router.init(k_router, dim, hp.experts.num_experts)
     return Init({"delta": experts.init_delta(theta_pre),
-                 "gates": experts.init_gates(k_gates, theta_pre, hp.num_experts, hp.structured,
-                                             hp.freeze_embeddings),
-                 "lam": jnp.zeros((hp.num_experts,)),
+                 "gates": experts.init_gates(k_gates, theta_pre, hp.experts.num_experts, hp.experts.structured,
+                                             hp.experts.freeze_embeddings),
+                 "lam": jnp.zeros((hp.experts.num_experts,)),
                  "router": router_params}, router_state)
 
   def task_params(self, params, theta_pre, alpha, key, probe):
     """Sampled gates, merged by α. (The sparsity the budget controls is that of the
     deterministic masks, measured once per step in `batch_loss`.)"""
     merged, sparsity = experts.sample_merged(key, params["gates"], alpha, theta_pre,
-                                             self.hp.gate_noise)
+                                             self.hp.experts.gate_noise)
     return (experts.interpolate(theta_pre, params["delta"], merged), sparsity,
             experts.merged_density(merged, theta_pre))
 
   def batch_loss(self, loss, metrics, params, theta_pre):
     """+ the sparsity loss and the Lagrangian on the deployed (deterministic) masks."""
-    tau, alpha = self.hp.target_sparsity, metrics["alpha"].mean(0)
+    tau, alpha = self.hp.experts.target_sparsity, metrics["alpha"].mean(0)
     deployed = experts.deployed_sparsity(params["gates"], theta_pre)
     lam = budget.reset(params["lam"], deployed, tau)
     expected_l0 = experts.expected_l0(params["gates"], theta_pre)
@@ -50,7 +50,7 @@ class SMAT(Method):
   def before_update(self, params, batch):
     """λ of experts whose deployed masks are sparser than τ reset to 0 before the step."""
     return {**params, "lam": budget.reset(params["lam"], batch["expert_sparsity"],
-                                          self.hp.target_sparsity)}
+                                          self.hp.experts.target_sparsity)}
 
   def after_update(self, stepped, params, mask_state, probe_grads, step):
     """Projections: log_α into its range, λ ≥ 0."""

@@ -17,8 +17,8 @@ class SoftMerge(Method):
   def init(self, key, theta_pre) -> Init:
     _, k_router = jax.random.split(key)
     dim = jax.tree.leaves(theta_pre["cls_token"])[0].shape[-1]
-    router_params, router_state = router.init(k_router, dim, self.hp.num_experts)
-    deltas = jax.tree.map(lambda p: jnp.zeros((self.hp.num_experts,) + p.shape), theta_pre)
+    router_params, router_state = router.init(k_router, dim, self.hp.experts.num_experts)
+    deltas = jax.tree.map(lambda p: jnp.zeros((self.hp.experts.num_experts,) + p.shape), theta_pre)
     return Init({"delta": deltas, "router": router_params}, router_state)
 
   def task_params(self, params, theta_pre, alpha, key, probe):

@@ -2,9 +2,9 @@
 influence (PLATON), circuit and Self-Pruner-budgeted masks, in the same trainer on the same
 episodes.
 
-  python -m benchmarks.strategies --taus 0.9,0.95 \\
+  python -m experiments.strategies --taus 0.9,0.95 \\
       --strategies learned,random,map,influence,circuit,selfpruner --pmf runs/bench/pmf \\
-      --episodes 200 --out benchmarks/results/strategies_glyphs
+      --episodes 200 --out experiments/results/strategies_glyphs
 
 For each τ and strategy: `smat meta-train` of the config with experts.target_sparsity = τ and
 experts.masks = the strategy ("learned": SMAT's gates), then zero-shot evaluation on the ID and
@@ -12,8 +12,8 @@ OOD specs on identical episodes, and paired differences of every strategy agains
 Self-Pruner's per-block rates are searched first (`smat.sparsity.evolution.search`; fitness =
 zero-shot accuracy on the config's validation episodes of θ_pre + m ⊙ δ with δ the dense
 meta-tuned delta of the PMF run `--pmf`). Runs, searches and cells are reused, so an
-interrupted benchmark resumes. Writes OUT.json, OUT.md (command, machine, date, wall time) and
-OUT_density.png (meta-test mask density per parameter type, each strategy next to SMAT's).
+interrupted run resumes. Writes OUT.json, OUT.md (command, machine, date, commit, wall time)
+and OUT_density.png (meta-test mask density per parameter type, each strategy next to SMAT's).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from benchmarks import report, sweep, tables
+from benchmarks import report
+from experiments import figures, sweep, tables
 from smat import config as config_lib
 from smat import evaluate, metatrain, plots
 from smat.meta import experts
@@ -77,11 +78,12 @@ def main(argv=None) -> int:
   def write():
     seconds = elapsed + time.time() - start
     with open(path, "w") as f:
-      json.dump({"args": vars(args), "cells": cells, "searches": searches, "density": densities,
-                 "seconds": seconds, "software": evaluate.software_versions()}, f, indent=1)
+      json.dump(report.stamped({"args": vars(args), "cells": cells, "searches": searches,
+                                "density": densities, "seconds": seconds,
+                                "software": evaluate.software_versions()}), f, indent=1)
     parts = [report.provenance(
-        "strategies", argv, f"wall time {seconds / 60:.1f} min (all invocations); zero-shot "
-        f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per domain, "
+        "experiments.strategies", argv, f"wall time {seconds / 60:.1f} min (all invocations); "
+        f"zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} episodes per domain, "
         f"seed {args.seed}")]
     panels = {}  # density figure: one panel per τ, one bar per strategy
     for tau in args.taus.split(","):
@@ -99,8 +101,8 @@ def main(argv=None) -> int:
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(parts) + "\n")
     if densities:
-      plots.plot_density_comparison(panels, args.out + "_density.png",
-                                    "meta-test mask density by parameter type (mean of experts)")
+      figures.plot_density_comparison(panels, args.out + "_density.png",
+                                      "meta-test mask density by parameter type (mean of experts)")
 
   for tau_text in args.taus.split(","):
     tau = float(tau_text)
@@ -121,8 +123,9 @@ def main(argv=None) -> int:
       sweep.train_point(args.config, overrides + extra_overrides, workdir, tau,
                         config_lib.load(args.config, overrides).experts.num_experts)
       run = metatrain.load_run(workdir)
-      results = evaluate.evaluate_domains(run, groups, sampler, tables.run_image_size(workdir),
-                                          args.episodes, args.seed)
+      protocol = evaluate.Protocol(sampler, tables.run_image_size(workdir), args.episodes,
+                                   args.seed)
+      results = evaluate.evaluate(run, groups, protocol)
       cells[name] = results
       densities[name] = plots.density_summary(plots.meta_test_density(run),
                                               run.theta_pre)["by_type"]

@@ -1,7 +1,7 @@
 """Self-Pruner's backbone compression: accuracy against sparsity, with measured speed-up.
 
-  python -m benchmarks.compression --run runs/bench/pmf --sparsities 0.1,0.2,0.3,0.4,0.5 \\
-      --episodes 200 --out benchmarks/results/compression_glyphs
+  python -m experiments.compression --run runs/bench/pmf --sparsities 0.1,0.2,0.3,0.4,0.5 \\
+      --episodes 200 --out experiments/results/compression_glyphs
 
 The meta-tuned model (a PMF run's θ_pre + δ; `--model pre` for its θ_pre) is pruned
 structurally — whole attention heads and MLP channels, no retraining — at each target sparsity
@@ -13,7 +13,7 @@ zero-shot ID and OOD accuracy on identical test episodes, the parameters removed
 and channels' own, and of the whole model), and the median time of a jitted forward of
 `--batch` images through the physically pruned model against the unpruned one in the same code,
 timed in alternation. Points are reused, so an interrupted run resumes. Writes OUT.json, OUT.md
-(command, machine, date, wall time) and OUT.png.
+(command, machine, date, commit, wall time) and OUT.png.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import report, sweep, tables
+from benchmarks import report
+from experiments import figures, sweep, tables
 from smat import config as config_lib
-from smat import evaluate, metatrain, plots
+from smat import evaluate, metatrain
 from smat.models import vit
 from smat.sparsity import compress, evolution
 
@@ -49,8 +50,8 @@ def measure_point(theta, vit_config, importance, rates, groups, sampler, image_s
   heads = np.asarray(compress.kept_units(importance[0], head_counts))
   channels = np.asarray(compress.kept_units(importance[1], channel_counts))
   zeroed = compress.zero_pruned(theta, heads, channels, vit_config)
-  results = evaluate.evaluate_domains((zeroed, vit_config), groups, sampler, image_size,
-                                      args.episodes, args.seed, progress=False)
+  protocol = evaluate.Protocol(sampler, image_size, args.episodes, args.seed)
+  results = evaluate.evaluate((zeroed, vit_config), groups, protocol, progress=False)
   small = compress.prune(theta, heads, channels, vit_config)
   unpruned = compress.prune(theta, np.ones_like(heads), np.ones_like(channels), vit_config)
   pruned_s, unpruned_s = compress.time_forwards([small, unpruned], vit_config, images,
@@ -103,13 +104,14 @@ def main(argv=None) -> int:
   def write():
     seconds = elapsed + time.time() - start
     with open(path, "w") as f:
-      json.dump({"args": vars(args), "points": points, "seconds": seconds,
-                 "device": jax.devices()[0].device_kind,
-                 "software": evaluate.software_versions()}, f, indent=1)
+      json.dump(report.stamped({"args": vars(args), "points": points, "seconds": seconds,
+                                "device": jax.devices()[0].device_kind,
+                                "software": evaluate.software_versions()}), f, indent=1)
     lines = [report.provenance(
-                 "compression", argv, f"wall time {seconds / 60:.1f} min (all invocations); "
-                 f"zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
-                 f"domain, seed {args.seed}; forward of {args.batch} images at {image_size} px"),
+                 "experiments.compression", argv, f"wall time {seconds / 60:.1f} min (all "
+                 f"invocations); zero-shot {args.ways}-way {args.shots}-shot, {args.episodes} "
+                 f"episodes per domain, seed {args.seed}; forward of {args.batch} images at "
+                 f"{image_size} px"),
              "",
              "| target s | rates | heads kept | channels kept | params removed (prunable / all) "
              "| val fitness | ID | OOD | forward ms (pruned / unpruned) | speed-up |",
@@ -124,9 +126,9 @@ def main(argv=None) -> int:
           f"| {p['speedup']:.2f}× |")
     with open(args.out + ".md", "w") as f:
       f.write("\n".join(lines) + "\n")
-    plots.plot_compression([{**p, "id": mean(p, id_specs, "accuracy"),
-                             "ood": mean(p, ood_specs, "accuracy")} for p in points],
-                           args.out + ".png")
+    figures.plot_compression([{**p, "id": mean(p, id_specs, "accuracy"),
+                               "ood": mean(p, ood_specs, "accuracy")} for p in points],
+                             args.out + ".png")
 
   depth = vit_config.depth
   grid = [(0.0, "unpruned")] + [(float(s), kind) for s in args.sparsities.split(",")

@@ -1,16 +1,16 @@
 """Sparsity sweep: meta-train SMAT for each (τ, M), evaluate zero-shot ID and OOD, plot the
 trade-off (the paper's ID-vs-OOD figure).
 
-  python -m benchmarks.sweep --config smat_glyphs --taus 0,0.5,0.8,0.9,0.95,0.99 \
-      --experts 4,8,16 --workdir runs/sweep --out benchmarks/results/sweep_glyphs
+  python -m experiments.sweep --config smat_glyphs --taus 0,0.5,0.8,0.9,0.95,0.99 \
+      --experts 4,8,16 --workdir runs/sweep --out experiments/results/sweep_glyphs
 
 Each point is `smat meta-train` with experts.target_sparsity = τ and experts.num_experts = M
-(every other field from the config), then `evaluate_domains` zero-shot on the ID and OOD specs
+(every other field from the config), then `smat.evaluate.evaluate` zero-shot on the ID and OOD specs
 on the same episodes for every point. Finished runs and points are reused, so an interrupted
 sweep resumes. `--checkpoint` picks the evaluated checkpoint (`best/` by default, or the final
 one); the step and sparsity columns are those of the evaluated checkpoint: `deployed` of its
 deterministic meta-test masks (what τ constrains), `sampled` of one draw of its training gates.
-Writes OUT.json, OUT.md (command, machine, date, wall time in the header) and
+Writes OUT.json, OUT.md (command, machine, date, commit, wall time in the header) and
 OUT.png.
 """
 
@@ -24,9 +24,10 @@ import time
 
 import numpy as np
 
-from benchmarks import report, tables
+from benchmarks import report
+from experiments import figures, tables
 from smat import config as config_lib
-from smat import evaluate, metatrain, plots
+from smat import evaluate, metatrain
 from smat.data import spec as spec_lib
 from smat.data.samplers import FixedSampler
 
@@ -96,8 +97,9 @@ def main(argv=None) -> int:
     train_s = time.time() - t0
     run = metatrain.load_run(workdir, args.checkpoint)
     evaluated = metatrain.describe_checkpoint(workdir, run, args.checkpoint)
-    results = evaluate.evaluate_domains(run, groups, sampler, tables.run_image_size(workdir),
-                                        args.episodes, args.seed)
+    protocol = evaluate.Protocol(sampler, tables.run_image_size(workdir), args.episodes,
+                                 args.seed)
+    results = evaluate.evaluate(run, groups, protocol)
     mean = lambda specs, key: float(np.mean([results[s][key] for s in specs]))
     sparsity = run.sparsity() or {}
     points.append({"tau": tau, "experts": experts, "workdir": workdir,
@@ -140,11 +142,12 @@ def _cell(value) -> str:
 
 def _write(args, argv, points: list, seconds: float) -> None:
   with open(args.out + ".json", "w") as f:
-    json.dump({"args": vars(args), "points": points, "seconds": seconds,
-               "software": evaluate.software_versions()}, f, indent=1)
-  lines = [report.provenance("sweep", argv, f"wall time {seconds / 60:.1f} min; zero-shot "
-                            f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
-                            f"domain; evaluated checkpoint: {args.checkpoint}/"), "",
+    json.dump(report.stamped({"args": vars(args), "points": points, "seconds": seconds,
+                              "software": evaluate.software_versions()}), f, indent=1)
+  lines = [report.provenance("experiments.sweep", argv,
+                             f"wall time {seconds / 60:.1f} min; zero-shot "
+                             f"{args.ways}-way {args.shots}-shot, {args.episodes} episodes per "
+                             f"domain; evaluated checkpoint: {args.checkpoint}/"), "",
            "| τ | M | evaluated step | deployed sparsity | sampled sparsity | ID avg | OOD avg | "
            "best val |", "|---|---|---|---|---|---|---|---|"]
   for p in sorted(points, key=lambda p: (p["experts"], p["tau"])):
@@ -155,7 +158,7 @@ def _write(args, argv, points: list, seconds: float) -> None:
                  f"{p['best_val'] if p['best_val'] is None else round(p['best_val'], 2)} |")
   with open(args.out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
-  plots.plot_tradeoff(points, args.out + ".png")
+  figures.plot_tradeoff(points, args.out + ".png")
 
 
 if __name__ == "__main__":

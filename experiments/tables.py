@@ -1,17 +1,17 @@
 """The offline-benchmark table in the paper's layout: rows = domains, columns = Pre, PMF,
 SoftMerge and SMAT, each zero-shot and +full and +LoRA fine-tuned, with ID/OOD averages.
 
-  python -m benchmarks.tables --backbone runs/pretrain/backbone --runs pmf=runs/bench/pmf,\
-softmerge=runs/bench/softmerge,smat=runs/bench/smat --out benchmarks/results/table_glyphs
+  python -m experiments.tables --backbone runs/pretrain/backbone --runs pmf=runs/bench/pmf,\
+softmerge=runs/bench/softmerge,smat=runs/bench/smat --out experiments/results/table_glyphs
 
 Rows default to the glyphs ID scripts (their test classes) one by one, the held-out scripts one
 by one and Fashion-MNIST; `--rows pooled` uses glyphs:id, glyphs:ood and fashion_mnist instead;
 `--rows run` the first run's benchmark (its config's data.test, e.g. Meta-Dataset's 10 test
 sources, with `--sampler md` for the paper's variable-way variable-shot episodes).
-Every cell is `smat.evaluate.evaluate_domains` on the same episodes (same seed; the first
+Every cell is `smat.evaluate.evaluate` on the same episodes (same seed; the first
 `--lr-search-episodes` of each domain pick the fine-tuning lr and are never reported). Cells are
 saved to OUT.json as they finish, so an interrupted run resumes where it stopped; OUT.md holds
-the table with the command, machine, date and wall time in its header.
+the table with the command, machine, date, commit and wall time in its header.
 """
 
 from __future__ import annotations
@@ -206,12 +206,13 @@ def main(argv=None) -> int:
                 + f"; the first {ft.search_episodes} episodes of every domain reserved (not "
                 f"reported); seed {args.seed}")
     header = report.provenance(
-        "tables", argv, f"wall time {(elapsed + time.time() - start) / 60:.1f} min (all "
-        "invocations)", protocol) + "\n"
+        "experiments.tables", argv, f"wall time {(elapsed + time.time() - start) / 60:.1f} "
+        "min (all invocations)", protocol) + "\n"
     with open(path, "w") as f:
-      json.dump({"args": vars(args), "finetune": ft.__dict__, "id": id_specs, "ood": ood_specs,
-                 "cells": cells, "seconds": elapsed + time.time() - start,
-                 "software": evaluate.software_versions()}, f, indent=1)
+      json.dump(report.stamped({"args": vars(args), "finetune": ft.__dict__, "id": id_specs,
+                                "ood": ood_specs, "cells": cells,
+                                "seconds": elapsed + time.time() - start,
+                                "software": evaluate.software_versions()}), f, indent=1)
     with open(args.out + ".md", "w") as f:
       f.write(header + "\n" + markdown(cells, id_specs, ood_specs, columns) + "\n")
       for title, pairs in (("", comparison_pairs(columns)),
@@ -238,8 +239,9 @@ def main(argv=None) -> int:
       for spec, group in groups.items():
         if spec in cells[name]:
           continue
-        result = evaluate.evaluate_domains(model, {spec: group}, sampler, size, episodes,
-                                           args.seed, mode, ft, progress=True)
+        protocol = evaluate.Protocol(sampler, size, episodes, args.seed,
+                                     reserved=ft.search_episodes)
+        result = evaluate.evaluate(model, {spec: group}, protocol, mode, ft, progress=True)
         cells[name][spec] = result[spec]
         print(f"{name:>18} {spec:<22} {result[spec]['accuracy']:6.2f} ± "
               f"{result[spec]['ci95']:.2f}", flush=True)

@@ -2,10 +2,10 @@
 constrains) against sampled (one draw of the training gates) and expected (1 − E[L0]), for the
 final checkpoint and for `best/` (the one meta-test evaluates).
 
-  python -m benchmarks.deployed_sparsity runs/accept_ref/tau0.9_m4 runs/accept_full/tau0.9_m4 \
-      --out benchmarks/results/deployed_sparsity_glyphs
+  python -m experiments.deployed_sparsity runs/accept_ref/tau0.9_m4 runs/accept_full/tau0.9_m4 \
+      --out experiments/results/deployed_sparsity_glyphs
 
-Writes OUT.json and OUT.md (command, machine, date in the header).
+Writes OUT.json and OUT.md (command, machine, date and commit in the header).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
   runs = [describe(w) for w in args.workdirs]
-  lines = [report.provenance("deployed_sparsity", argv,
+  lines = [report.provenance("experiments.deployed_sparsity", argv,
                              "per expert; |deployed − τ| is the largest over experts"), "",
            "| τ | gate noise w | checkpoint | deployed | max \\|deployed − τ\\| | sampled | "
            "expected (1 − E[L0]) |", "|---|---|---|---|---|---|---|"]

@@ -1,8 +1,8 @@
 """Paired differences on the same episodes of main-job results (`smat reproduce`'s
 results.json): for each domain and shot count, mean ± 95% CI of a per-episode difference.
 
-  python -m benchmarks.paired OLD/results.json NEW/results.json --out F     # new − old, per method
-  python -m benchmarks.paired R/results.json --between SMAT-Pre,SMAT-PMF --out F   # within one
+  python -m experiments.paired OLD/results.json NEW/results.json --out F   # new − old, per method
+  python -m experiments.paired R/results.json --between SMAT-Pre,SMAT-PMF --out F   # within one
 
 Two files must hold the same episodes (same seed, ways, shots, queries and count), e.g. the
 main job before and after a change of the method; one file compares its own methods, which
@@ -28,9 +28,11 @@ def paired(old: list[float], new: list[float]) -> tuple[float, float]:
 
 def differences(old: dict, new: dict) -> dict:
   """{method: {domain: {cell: (mean, ci)}}} over the methods, domains and cells both hold."""
-  for field in ("episodes", "ways", "queries", "seed"):
-    if old[field] != new[field]:
-      raise SystemExit(f"error: the results differ in {field} ({old[field]} vs {new[field]}): "
+  for field in ("episodes", "ways", "queries", "seed", "reserved_episodes"):
+    # Results written before protocols recorded their reserve reported from episode 0.
+    was, now = old.get(field, 0), new.get(field, 0)
+    if was != now:
+      raise SystemExit(f"error: the results differ in {field} ({was} vs {now}): "
                        "they are not the same episodes")
   out = {}
   for method, domains in new["methods"].items():
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     parser.error("give OLD NEW, or one file with --between A-B,...")
   columns = list(diff)
   cells = [(d, c) for d, cs in diff[columns[0]].items() for c in cs]
-  lines = [report.provenance("paired", argv, f"{what}, {new['episodes']} "
+  lines = [report.provenance("experiments.paired", argv, f"{what}, {new['episodes']} "
                              "episodes per cell, mean ± 95% CI"), "",
            "| domain | episodes | " + " | ".join(columns) + " |",
            "|---|---|" + "---|" * len(columns)]
