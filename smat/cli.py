@@ -662,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
       epilog=__doc__.split("\n", 2)[2])
   parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for add in (_add_reproduce, _add_data, _add_pretrain, _add_meta_train, _add_evaluate, _add_plot, _add_import_backbone, _add_export, _add_embed):
+  for add in (_add_reproduce, _add_data, _add_pretrain, _add_meta_train, _add_evaluate,
+              _add_plot, _add_import_backbone, _add_export, _add_embed):
     add(commands)
   return parser
 

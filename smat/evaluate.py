@@ -48,10 +48,6 @@ class Protocol:
     return loader.EpisodeSource(tuple(group), self.split, self.sampler, self.image_size,
                                 seed=self.seed, resize_ratio=self.resize_ratio)
 
-  def reported(self, group) -> loader.EpisodeSource:
-    """The reported episodes of a domain group: the stream after the reserved ones."""
-    return dataclasses.replace(self.stream(group), first=self.reserved)
-
   def describe(self) -> dict:
     """The protocol's fields as a result records them."""
     sampler = self.sampler
@@ -78,26 +74,28 @@ def shared_backbone(model):
   return (model.dense_params(), model.hp.vit) if model.hp.method == "pmf" else None
 
 
-def _frozen_zero_shot(backbone, protocol: Protocol, group, features: dict, progress):
+def _frozen_zero_shot(backbone, reported: loader.EpisodeSource, episodes: int, features: dict,
+                      progress):
   """Zero-shot ProtoNet of a frozen backbone; each test image embedded once (`features`, shared
   by the protocols of a report) when that is cheaper than embedding each episode."""
   params, config = backbone
-  reported = protocol.reported(group)
-  key = tuple(id(d) for d in group) + (protocol.split, protocol.image_size, reported.resize_ratio)
-  if key not in features and fewshot.worth_caching(reported, protocol.episodes):
-    features[key] = [fewshot.embed_split(params, config, d, protocol.split, protocol.image_size,
-                                         resize_ratio=reported.resize_ratio) for d in group]
+  key = (tuple(id(d) for d in reported.domains)
+         + (reported.split, reported.image_size, reported.resize_ratio))
+  if key not in features and fewshot.worth_caching(reported, episodes):
+    features[key] = [fewshot.embed_split(params, config, d, reported.split, reported.image_size,
+                                         resize_ratio=reported.resize_ratio)
+                     for d in reported.domains]
   if key in features:
-    return fewshot.cached_zero_shot(params, config, reported, protocol.episodes,
-                                    tables=features[key])
-  return fewshot.zero_shot(params, config, reported, protocol.episodes, progress=progress)
+    return fewshot.cached_zero_shot(params, config, reported, episodes, tables=features[key])
+  return fewshot.zero_shot(params, config, reported, episodes, progress=progress)
 
 
-def _per_task_zero_shot(run, protocol: Protocol, group, batch_size: int, progress):
+def _per_task_zero_shot(run, reported: loader.EpisodeSource, episodes: int, batch_size: int,
+                        progress):
   """Zero-shot accuracy (and mean α) of a model that builds θ_task per episode."""
-  size = loader.even_batch_size(protocol.episodes, batch_size)
-  batches = loader.batch_iterator(protocol.reported(group), size, protocol.episodes // size)
-  return metatrain.evaluate(run, batches, progress=progress)
+  size = loader.even_batch_size(episodes, batch_size)
+  return metatrain.evaluate(run, loader.batch_iterator(reported, size, episodes // size),
+                            progress=progress)
 
 
 def evaluate(model, groups: dict[str, list], protocol: Protocol, adapt: str = "zero-shot",
@@ -120,15 +118,17 @@ def evaluate(model, groups: dict[str, list], protocol: Protocol, adapt: str = "z
   results = {}
   for name, group in groups.items():
     label = name if progress else None
+    stream = protocol.stream(group)
+    reported = dataclasses.replace(stream, first=protocol.reserved)
     if adapt != "zero-shot":
-      result = finetune.evaluate_source(model, finetune.ADAPTERS[adapt], protocol.stream(group),
+      result = finetune.evaluate_source(model, finetune.ADAPTERS[adapt], stream,
                                         protocol.episodes, protocol.seed, ft, lr,
                                         batch_size or 1, label)
     elif backbone is None:
-      result = _per_task_zero_shot(model, protocol, group, batch_size or 8, label)
+      result = _per_task_zero_shot(model, reported, protocol.episodes, batch_size or 8, label)
     else:
-      result = _frozen_zero_shot(backbone, protocol, group, features, label)
-    summary = loader.describe_plans(protocol.reported(group), protocol.episodes)
+      result = _frozen_zero_shot(backbone, reported, protocol.episodes, features, label)
+    summary = loader.describe_plans(reported, protocol.episodes)
     results[name] = {**result, **{k: v for k, v in summary.items() if k != "episodes"}}
   return results
 

@@ -159,6 +159,7 @@ def compare(job: Job) -> None:
     start = time.perf_counter()
     reports[name] = evaluate.report(model, groups, protocols)
     print(f"  {name}: {time.perf_counter() - start:.0f} s")
+  described = next(iter(protocols.values())).describe()
   evaluated = {name.upper(): metatrain.describe_checkpoint(str(job.out / name), run)
                for name, run in runs.items()}
   table = (evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS) + "\n\n"
@@ -166,8 +167,9 @@ def compare(job: Job) -> None:
   results = {"evaluated": evaluated, "methods": reports,
              "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS) for m, r in reports.items()},
              "id_domains": list(ID_SPECS), "ood_domains": list(OOD_SPECS),
-             "episodes": job.comparison_episodes, "ways": 5, "queries": 15, "seed": config.seed,
-             "reserved_episodes": evaluate.RESERVED_EPISODES,
+             # The fields the protocols share, at the top as `experiments.paired` reads them.
+             **{k: described[k] for k in ("episodes", "ways", "queries", "seed",
+                                          "reserved_episodes")},
              "protocols": {k: p.describe() for k, p in protocols.items()},
              "software": evaluate.software_versions(), "table": table}
   (job.out / "results.json").write_text(json.dumps(results, indent=1))
