@@ -1,6 +1,6 @@
 """Per-expert sparsity of trained SMAT runs: deployed (deterministic meta-test masks, what τ
 constrains) against sampled (one draw of the training gates) and expected (1 − E[L0]), for the
-final checkpoint and for `best/` (the one meta-test evaluates).
+final checkpoint and for the best-validating one (the one meta-test evaluates).
 
   python -m experiments.deployed_sparsity runs/accept_ref/tau0.9_m4 runs/accept_full/tau0.9_m4 \
       --out experiments/results/deployed_sparsity_glyphs

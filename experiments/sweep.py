@@ -7,8 +7,8 @@ trade-off (the paper's ID-vs-OOD figure).
 Each point is `smat meta-train` with experts.target_sparsity = τ and experts.num_experts = M
 (every other field from the config), then `smat.evaluate.evaluate` zero-shot on the ID and OOD specs
 on the same episodes for every point. Finished runs and points are reused, so an interrupted
-sweep resumes. `--checkpoint` picks the evaluated checkpoint (`best/` by default, or the final
-one); the step and sparsity columns are those of the evaluated checkpoint: `deployed` of its
+sweep resumes. `--checkpoint` picks the evaluated checkpoint (the best-validating one by
+default, or the final one); the step and sparsity columns are those of the evaluated checkpoint: `deployed` of its
 deterministic meta-test masks (what τ constrains), `sampled` of one draw of its training gates.
 Writes OUT.json, OUT.md (command, machine, date, commit, wall time in the header) and
 OUT.png.
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
 def last_logged(workdir: str) -> dict:
   """Step and per-expert sparsity figures of the run's last logged training step (the evaluated
-  checkpoint is `best/`, which may be an earlier epoch)."""
+  checkpoint is the best-validating one, which may be an earlier epoch)."""
   last = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:

@@ -143,13 +143,14 @@ def _prepare_icons(args) -> None:
 
 
 def _cmd_describe(args) -> None:
+  from smat.data.domain import SPLITS
   from smat.data.spec import load_domains
 
   domains = load_domains(args.spec, args.data_dir, skip_corrupt=args.skip_corrupt)
   described = [d.describe() for d in domains]
   if args.json:
     per_split = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
       per_split[split] = {
           "num_classes": sum(d["splits"][split]["num_classes"] for d in described),
           "num_images": sum(d["splits"][split]["num_images"] for d in described)}
@@ -222,7 +223,7 @@ def _cmd_reproduce(args) -> None:
   from smat import pipeline
 
   pipeline.reproduce(args.workdir, args.data_dir, config_path=args.config,
-                     overrides=args.overrides)
+                     overrides=args.overrides, benchmark=args.benchmark)
 
 
 def _cmd_pretrain(args) -> None:
@@ -256,7 +257,8 @@ def _cmd_meta_train(args) -> None:
   best = summary.get("best")
   if best:
     print(f"{summary['method']}: best validation accuracy {best['val_accuracy']:.2f} ± "
-          f"{best['val_ci95']:.2f}% at step {best['step']} ({args.workdir}/best)")
+          f"{best['val_ci95']:.2f}% at step {best['step']} "
+          f"({metatrain.find_checkpoint(args.workdir)[2]})")
 
 
 def _finetune_from_args(args):
@@ -293,10 +295,7 @@ def _cmd_plot(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-  import os
-
-  from smat import evaluate, metatrain, outputs
-  from smat import config as config_lib
+  from smat import evaluate, outputs
   from smat.data.episodes import split_resize_ratio
   from smat.data.spec import load_domains
 
@@ -307,44 +306,36 @@ def _cmd_evaluate(args) -> None:
     if not args.backbone:
       raise SmatError("--method pre evaluates a frozen backbone: give --backbone DIR (or a "
                   ".safetensors file with --format and --arch)")
-    from smat.models import checkpoint
-
-    model = checkpoint.load(args.backbone, args.format, args.arch)
-    run_config, method, image_size = None, "pre", args.image_size or model[1].image_size
-    ratio = None
+    subject = evaluate.Subject.of_backbone(args.backbone, args.format, args.arch)
   else:
     if not args.workdir:
       raise SmatError("give --workdir of a `smat meta-train` run, or --method pre --backbone B")
-    model = metatrain.load_run(args.workdir)
-    run_config = config_lib.from_json(os.path.join(args.workdir, "config.json"))
-    method = model.hp.method
-    image_size = args.image_size or run_config.data.image_size
-    ratio = run_config.data.get("test_resize_ratio")
+    subject = evaluate.Subject.of_run(args.workdir)
   domains = args.domains
   if domains is None:
-    domains = run_config.data.get("test", "") if run_config else ""
+    domains = ",".join(subject.test_specs)
     if not domains:
       raise SmatError("give --domains SPEC[,SPEC...] (only a run whose config names its "
                       "benchmark's test sources, data.test, has a default)")
   specs = [s.strip() for s in domains.split(",") if s.strip()]
   if not specs:
     raise SmatError(f"--domains {domains!r}: no data SPEC given; e.g. --domains glyphs:ood")
-  ratio = split_resize_ratio(
-      "test", ratio if args.test_resize_ratio is None else args.test_resize_ratio)
+  ratio = split_resize_ratio("test", subject.resize_ratio if args.test_resize_ratio is None
+                             else args.test_resize_ratio)
   if args.id_domains is not None:
     id_specs = [s for s in args.id_domains.split(",") if s]
   else:
-    trained = run_config.data.train.split(",") if run_config else []
-    id_specs = [s for s in specs if s in trained]
+    id_specs = [s for s in specs if s in subject.trained_specs]
   groups = {spec: load_domains(spec, args.data_dir, skip_corrupt=args.skip_corrupt,
                                seed=args.seed) for spec in specs}
-  protocol = evaluate.Protocol(sampler, image_size, args.episodes, args.seed,
-                               reserved=ft.search_episodes, resize_ratio=ratio)
-  results = evaluate.evaluate(model, groups, protocol, args.adapt, ft, args.lr, args.batch_size)
+  protocol = evaluate.Protocol(sampler, args.image_size or subject.image_size, args.episodes,
+                               args.seed, reserved=ft.search_episodes, resize_ratio=ratio)
+  results = evaluate.evaluate(subject.model, groups, protocol, args.adapt, ft, args.lr,
+                              args.batch_size)
   evaluate.check_results(results)
-  out = evaluate.record(results, protocol, method, id_specs, args.adapt, ft,
+  out = evaluate.record(results, protocol, subject.method, id_specs, args.adapt, ft,
                         workdir=args.workdir, backbone=args.backbone,
-                        config=run_config.to_dict() if run_config else None)
+                        config=subject.config.to_dict() if subject.config else None)
   table = out["table"]
   print(table)  # before the write: a failed write loses no numbers
   outputs.write_atomic(args.out, lambda f: json.dump(out, f, indent=1))
@@ -421,6 +412,10 @@ def _add_reproduce(commands) -> None:
                        "PMF and SMAT zero-shot in and out of distribution, draw SMAT's masks and "
                        "expert choice")
   reproduce.add_argument("--workdir", default="runs/demo", help="outputs (default: runs/demo)")
+  reproduce.add_argument("--benchmark", default="offline", choices=("offline", "glyphs"),
+                         help="offline (default): ID glyphs:id, emoji:id, icons:id, OOD "
+                              "glyphs:ood, emoji:ood, fashion_mnist; glyphs: the glyph scripts "
+                              "and fashion_mnist alone (no npm packages needed)")
   reproduce.add_argument("--config", default="glyphs_small",
                          help="episode-stream config (default: glyphs_small); --config.FIELD="
                               "VALUE overrides go to every stage config that has the field")
@@ -471,7 +466,7 @@ def _add_data(commands) -> None:
   show.add_argument("--out", required=True, help="output PNG file")
   show.add_argument("--seed", type=int, default=0)
   show.add_argument("--index", type=int, default=0, help="episode index in the stream")
-  show.add_argument("--split", default="test", choices=["train", "val", "test"])
+  show.add_argument("--split", default="test", choices=["pool", "train", "val", "test"])
   _sampler_args(show, queries=5)
   show.add_argument("--image-size", type=int, default=64)
   show.add_argument("--skip-corrupt", action="store_true")
@@ -507,7 +502,7 @@ def _add_meta_train(commands) -> None:
                   "interpolated experts, softmerge = dense experts, pmf = dense ProtoNet "
                   "meta-tuning) on episodes of config.data.train. Resumes from "
                   "<workdir>/checkpoints; validates zero-shot after every epoch and keeps the "
-                  "best checkpoint in <workdir>/best; metrics in <workdir>/metrics.jsonl and "
+                  "best one there too; metrics in <workdir>/metrics.jsonl and "
                   "<workdir>/tensorboard. Add --config.FIELD=VALUE to override config fields; "
                   "--config.experts.masks=random|map|influence|selfpruner|circuit replaces "
                   "SMAT's learned gates by a hand-designed mask strategy at the same τ.")
@@ -532,7 +527,7 @@ def _add_evaluate(commands) -> None:
                   "domain: accuracy %, 95% CI, episodes, ways/shots, per-episode accuracies; ID "
                   "and OOD averages; method, config, seed, software versions) and prints a "
                   "markdown table.")
-  ev.add_argument("--workdir", help="a `smat meta-train` workdir (its best/ checkpoint)")
+  ev.add_argument("--workdir", help="a `smat meta-train` workdir (its best checkpoint)")
   ev.add_argument("--method", choices=["run", "pre"], default="run",
                   help="run (default): the workdir's method; pre: a frozen backbone")
   ev.add_argument("--backbone", help="with --method pre: backbone dir or .safetensors")
@@ -588,7 +583,9 @@ def _add_plot(commands) -> None:
                   "and parameter type, for each expert), mask_density_expected.png (the same "
                   "for training samples: P(z ≠ 0)), mask_density.json, and "
                   "expert_choice.png/.json (the router's mean α per evaluation domain, one row "
-                  "per domain of the SPECs).")
+                  "per domain of the SPECs), and specialisation.json (the mutual information "
+                  "between domain and routing, and the Jaccard overlap of the experts' deployed "
+                  "masks beside that of independent masks of the same densities).")
   plot.add_argument("--workdir", required=True, help="a SMAT or SoftMerge meta-train workdir")
   plot.add_argument("--out", required=True, help="directory for the figures")
   plot.add_argument("--checkpoint", choices=("best", "checkpoints"), default="best",

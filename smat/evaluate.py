@@ -58,6 +58,42 @@ class Protocol:
             "test_resize_ratio": split_resize_ratio(self.split, self.resize_ratio)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  """What is evaluated, with what its origin implies: the model (a `Run` or a frozen
+  (θ, ViTConfig)), its method name, its image size and test-time resizing, the test SPECs its
+  config names (data.test) and the SPECs it meta-trained on (data.train)."""
+
+  model: object
+  method: str
+  image_size: int
+  resize_ratio: float | None = None
+  test_specs: tuple[str, ...] = ()
+  trained_specs: tuple[str, ...] = ()
+  config: object = None  # a run's config (ConfigDict), None for a frozen backbone
+
+  @classmethod
+  def of_run(cls, workdir: str) -> "Subject":
+    """A `smat meta-train` workdir's best checkpoint."""
+    import os
+
+    from smat import config as config_lib
+
+    run = metatrain.load_run(workdir)
+    config = config_lib.from_json(os.path.join(workdir, "config.json"))
+    specs = lambda field: tuple(s for s in config.data.get(field, "").split(",") if s)
+    return cls(run, run.hp.method, config.data.image_size, config.data.get("test_resize_ratio"),
+               specs("test"), specs("train"), config)
+
+  @classmethod
+  def of_backbone(cls, path: str, fmt: str | None = None, arch: str | None = None) -> "Subject":
+    """θ_pre as it is (`--method pre`): a backbone directory or a .safetensors file."""
+    from smat.models import checkpoint
+
+    model = checkpoint.load(path, fmt, arch)
+    return cls(model, "pre", model[1].image_size)
+
+
 def fixed_protocols(image_size: int, ways: int = 5, shots=(1, 5), queries: int = 15,
                     **fields) -> dict[str, Protocol]:
   """{"5w1s": Protocol, "5w5s": Protocol, ...}: fixed-shape episodes, one protocol per shot

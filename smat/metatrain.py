@@ -7,7 +7,9 @@ state, optimiser state, router state, step, tasks seen, RNG and the episode stre
 
 Resume order: (1) the latest checkpoint in `<workdir>/checkpoints`, (2) a fresh start (δ = 0,
 log_α ~ N(0, 0.5²), λ = 0). θ_pre is read from `config.backbone` every time and never saved.
-`<workdir>/best` holds the checkpoint with the best validation accuracy (the mean over sources).
+One orbax manager per run keeps the latest `train.keep_checkpoints` epochs and the epoch with the
+best validation accuracy (the mean over sources), each written once (`run_manager`,
+`find_checkpoint`); runs from before it keep their best in `<workdir>/best`, still read.
 """
 
 from __future__ import annotations
@@ -252,8 +254,43 @@ def setup(config, backbone: tuple[dict, vit.ViTConfig] | None = None, devices: i
   return theta_pre, hp, optimizer, state
 
 
+BEST_METRIC = "val_accuracy"  # what the run's manager keeps its best step by
+
+
+def run_manager(workdir: str, keep: int = 1):
+  """The run's one checkpoint manager, `<workdir>/checkpoints`: the latest `keep` epochs and
+  the best-validating one (saved with its validation accuracy as metrics)."""
+  return training.checkpoint_manager(os.path.join(workdir, "checkpoints"), keep, BEST_METRIC)
+
+
+def find_checkpoint(workdir: str, which: str = "best"):
+  """(manager, step, where) of the checkpoint `which` names: "best" (the best-validating
+  epoch, what meta-test uses) or "checkpoints" (the latest). Runs written before one manager
+  kept both hold their best in `<workdir>/best`, which is read too (its step counted only when
+  not newer than the latest checkpoint, a future that a resume redid)."""
+  manager = run_manager(workdir)
+  latest = manager.latest_step()
+  if which == "checkpoints":
+    if latest is None:
+      raise SmatError(f"{workdir}/checkpoints: no checkpoint yet; train with `smat meta-train`")
+    return manager, latest, f"{workdir}/checkpoints/{latest}"
+  candidates = []
+  if (step := manager.best_step()) is not None:
+    candidates.append((manager.metrics(step)[BEST_METRIC], step, manager, "checkpoints"))
+  if os.path.isdir(os.path.join(workdir, "best")):
+    legacy = training.checkpoint_manager(os.path.join(workdir, "best"), 1, BEST_METRIC)
+    step = legacy.best_step()
+    if step is not None and (latest is None or step <= latest):
+      candidates.append((legacy.metrics(step)[BEST_METRIC], step, legacy, "best"))
+  if not candidates:
+    raise SmatError(f"{workdir}: no validated checkpoint yet; train with `smat meta-train`")
+  _, step, found, folder = max(candidates, key=lambda c: c[:2])
+  return found, step, f"{workdir}/{folder}/{step}"
+
+
 def load_run(workdir: str, which: str = "best") -> Run:
-  """A trained run from `<workdir>/config.json` and its `best` (or `checkpoints`) directory."""
+  """A trained run from `<workdir>/config.json` and its best (or latest: "checkpoints")
+  checkpoint (`find_checkpoint`)."""
   from smat import config as config_lib
 
   path = os.path.join(workdir, "config.json")
@@ -261,12 +298,9 @@ def load_run(workdir: str, which: str = "best") -> Run:
     raise SmatError(f"{workdir}: no config.json; is it a `smat meta-train` workdir?")
   config = config_lib.from_json(path)
   theta_pre, hp, optimizer, state = setup(config)
-  manager = training.checkpoint_manager(os.path.join(workdir, which), 1)
-  if manager.latest_step() is None:
-    raise SmatError(f"{workdir}/{which}: no checkpoint yet; train with `smat meta-train`")
-  state, _, _ = runs.readable(lambda: restore(manager, state, jax.random.key(0)),
-                              f"{workdir}/{which}")
-  runs.check_finite_params(state.params, f"{workdir}/{which}")
+  manager, step, where = find_checkpoint(workdir, which)
+  state, _, _ = runs.readable(lambda: restore(manager, state, jax.random.key(0), step), where)
+  runs.check_finite_params(state.params, where)
   return Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
 
 
@@ -339,12 +373,10 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
   theta_pre = training.replicate(theta_pre, replicated)
   state = training.replicate(state, replicated)
 
-  manager = training.checkpoint_manager(os.path.join(workdir, "checkpoints"),
-                                        config.train.keep_checkpoints)
-  best_manager = training.checkpoint_manager(os.path.join(workdir, "best"), 1, "val_accuracy")
+  manager = run_manager(workdir, config.train.keep_checkpoints)
   key = jax.random.key(config.seed + 1)
   state, rng, data_state = runs.restore_intact(
-      manager, best_manager, lambda step: restore(manager, state, key, step), workdir,
+      manager, lambda step: restore(manager, state, key, step), workdir,
       training.is_primary()) or (state, key, None)
   rng = training.replicate(rng, replicated)  # fresh and restored runs share one compiled step
   start = int(state.step)
@@ -362,21 +394,19 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
     scalars = _host_metrics(metrics, state)
     _check_finite(state, manager, workdir)
     guard.check(scalars, state.params, done)
-    runs.check_saves(manager, best_manager)
+    runs.check_saves(manager)
     return {**scalars, **{f"{g}_lr": float(lr(done - 1) if callable(lr) else lr)
                           for g, lr in lrs.items() if g in state.params}}
 
   def checkpoint(state, done, write):
-    """Validate, keep the epoch's checkpoint, promote it to best/ if it validates best."""
+    """Validate and save the epoch's checkpoint, with its validation accuracy as the metric the
+    best is kept by unless the divergence guard refuses it."""
     run = Run(hp, theta_pre, state.params, state.router_state, int(state.tasks_seen))
     result = evaluate(run, val)
     history.append({"step": done, "epoch": done // per_epoch, **result})
     write(done, {"val_accuracy": result["accuracy"], "val_ci95": result["ci95"]})
-    promote = guard.promote(result, done)
-    data = batches.get_state()
-    runs.save(_save, manager, state, rng, data)
-    if promote:
-      runs.save(_save, best_manager, state, rng, data, {"val_accuracy": result["accuracy"]})
+    metrics = {BEST_METRIC: result["accuracy"]} if guard.promote(result, done) else None
+    runs.save(_save, manager, state, rng, batches.get_state(), metrics)
     if training.is_primary():
       _write_history(workdir, history)
 
@@ -386,7 +416,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
       scalars=scalars, log_at=lambda done: done % config.train.log_every == 0 or epoch_end(done),
       checkpoint_at=epoch_end, checkpoint=checkpoint, postfix=_postfix,
       rate=("tasks_per_s", batch_size),
-      finish=lambda: runs.finish_saves(manager, best_manager))
+      finish=lambda: runs.finish_saves(manager))
   train_start = time.perf_counter()
   state = training.train_loop(state, batches, start, end, total, hooks, workdir,
                               f"meta-train {hp.method}", progress)
@@ -394,7 +424,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, progress: 
              "tasks_seen": int(state.tasks_seen), "validation": history,
              "train_seconds": time.perf_counter() - train_start}
   if history:
-    best = max(reversed(history), key=lambda h: h["accuracy"])  # ties: the latest, as best/
+    best = max(reversed(history), key=lambda h: h["accuracy"])  # ties: the latest, as kept
     summary["best"] = {"step": best["step"], "val_accuracy": best["accuracy"],
                        "val_ci95": best["ci95"]}
   return summary

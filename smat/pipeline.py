@@ -1,10 +1,12 @@
 """The main job on the offline benchmark (`smat reproduce`).
 
-Stages: build the glyphs benchmark → describe every evaluation domain → draw example episodes
-→ measure the episode loader → pre-train the small backbone θ_pre → meta-train PMF and SMAT on
-top of it → zero-shot comparison of Pre, PMF and SMAT on identical episodes, in distribution
-(glyphs:id test classes) and out of distribution (held-out scripts, Fashion-MNIST) → figures of
-the SMAT run (`figures/`: mask density per block and parameter type, expert choice per domain).
+Stages: build the benchmark's sources → describe every evaluation domain → draw example
+episodes → measure the episode loader → pre-train the small backbone θ_pre on its pool →
+meta-train PMF and SMAT on top of it → zero-shot comparison of Pre, PMF and SMAT on identical
+episodes, in distribution (the ID sources' test classes) and out of distribution (held-out
+domains) → figures of the SMAT run (`figures/`: mask density per block and parameter type,
+expert choice per domain, specialisation). `BENCHMARKS` names what each benchmark builds,
+trains and compares on: `offline` (glyphs, emoji and icons; the default) or `glyphs` alone.
 Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`, `smat/`);
 `results.json` / `results.md` hold the comparison and `summary.json` every figure.
 Re-running resumes: finished stages are cached, training resumes from its checkpoints.
@@ -24,18 +26,37 @@ from smat import evaluate, metatrain, plots, pretrain
 from smat.data import loader
 from smat.data.samplers import FixedSampler
 from smat.data.show import episode_grid
-from smat.data.sources import glyphs
 from smat.data.spec import default_data_dir, load_domain
 from smat.errors import SmatError
 
-EVAL_SPECS = ("glyphs:id", "glyphs:ood", "fashion_mnist")
-ID_SPECS, OOD_SPECS = ("glyphs:id",), ("glyphs:ood", "fashion_mnist")
-META_CONFIGS = {"pmf": "pmf_glyphs", "smat": "smat_glyphs"}
-DEFAULT_WORKDIR = "runs/demo"  # the glyph configs' backbone.path is its pretrain/backbone
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """What the main job builds (`smat data prepare` of each source), pre-trains, meta-trains
+  (method → config) and compares on (ID and OOD SPECs)."""
+
+  sources: tuple[str, ...]
+  id_specs: tuple[str, ...]
+  ood_specs: tuple[str, ...]
+  meta_configs: dict
+
+  @property
+  def eval_specs(self) -> tuple[str, ...]:
+    return self.id_specs + self.ood_specs
+
+
+BENCHMARKS = {
+    "offline": Benchmark(("glyphs", "emoji", "icons"), ("glyphs:id", "emoji:id", "icons:id"),
+                         ("glyphs:ood", "emoji:ood", "fashion_mnist"),
+                         {"pmf": "pmf_offline", "smat": "smat_offline"}),
+    "glyphs": Benchmark(("glyphs",), ("glyphs:id",), ("glyphs:ood", "fashion_mnist"),
+                        {"pmf": "pmf_glyphs", "smat": "smat_glyphs"}),
+}
+DEFAULT_WORKDIR = "runs/demo"  # the packaged configs' backbone.path is its pretrain/backbone
 # Fields the job sets itself (overriding them would split the stages' inputs), and what to use.
 JOB_FIELDS = {"data_dir": "--data-dir",
               "backbone.path": "--workdir (the backbone is <workdir>/pretrain/backbone)",
-              "eval.domains": f"nothing: the job compares on {', '.join(EVAL_SPECS)}"}
+              "eval.domains": "nothing: the job compares on its benchmark's domains"}
 
 
 def evaluated_models_note(evaluated: dict, tau: float) -> str:
@@ -44,7 +65,7 @@ def evaluated_models_note(evaluated: dict, tau: float) -> str:
   lines = []
   for name, d in evaluated.items():
     epochs = f"{d['epoch']} epoch" + ("" if d["epoch"] == 1 else "s")
-    line = (f"{name}: `best/` checkpoint, step {d['step']} (after {epochs}), validation "
+    line = (f"{name}: best checkpoint, step {d['step']} (after {epochs}), validation "
             f"{d['val_accuracy']:.2f}")
     if d["sparsity"]:
       deployed = " / ".join(f"{x:.3f}" for x in d["sparsity"]["deployed"])
@@ -82,6 +103,7 @@ class Job:
   configs: dict
   data_dir: str
   comparison_episodes: int
+  benchmark: Benchmark
   summary: dict = dataclasses.field(default_factory=dict)
   domains: dict = dataclasses.field(default_factory=dict)
   runs: dict = dataclasses.field(default_factory=dict)
@@ -92,14 +114,24 @@ class Job:
     return self.configs["episodes"]
 
 
+def build_source(name: str, data_dir: str) -> Path:
+  """`smat data prepare NAME` with its default config (cached: instant when built)."""
+  from smat.data.sources import emoji, glyphs, icons
+
+  builders = {"glyphs": lambda: glyphs.build(data_dir),
+              "emoji": lambda: emoji.build(data_dir, emoji.EmojiConfig()),
+              "icons": lambda: icons.build(data_dir, icons.IconsConfig())}
+  return builders[name]()
+
+
 def build_data(job: Job) -> None:
-  job.summary.update(data_dir=job.data_dir, glyphs_build=str(glyphs.build(job.data_dir)),
-                     domains={})
+  builds = {name: str(build_source(name, job.data_dir)) for name in job.benchmark.sources}
+  job.summary.update(data_dir=job.data_dir, builds=builds, domains={})
 
 
 def describe_domains(job: Job) -> None:
   """Each evaluation domain's size per split and an example episode picture."""
-  job.domains = {spec: load_domain(spec, job.data_dir) for spec in EVAL_SPECS}
+  job.domains = {spec: load_domain(spec, job.data_dir) for spec in job.benchmark.eval_specs}
   for spec, domain in job.domains.items():
     described = domain.describe()
     job.summary["domains"][spec] = {k: described[k]
@@ -116,7 +148,8 @@ def describe_domains(job: Job) -> None:
 
 def measure_loader(job: Job) -> None:
   config = job.config
-  train = loader.episode_source(config, "train", domains=[job.domains["glyphs:id"]])
+  train = loader.episode_source(config, "train",
+                                domains=[job.domains[s] for s in job.benchmark.id_specs])
   stats = job.summary["episode_stats"] = loader.describe_plans(train, 200)
   speed = job.summary["loader"] = loader.throughput(train, config.data.meta_batch_size,
                                                     num_batches=25,
@@ -137,7 +170,7 @@ def pretrain_backbone(job: Job) -> None:
 
 def meta_train(job: Job) -> None:
   job.summary["meta_train"] = {}
-  for method in META_CONFIGS:
+  for method in job.benchmark.meta_configs:
     start = time.perf_counter()
     trained = metatrain.train_and_evaluate(job.configs[method], str(job.out / method))
     job.summary["meta_train"][method] = {**trained, "seconds": time.perf_counter() - start}
@@ -146,8 +179,8 @@ def meta_train(job: Job) -> None:
 
 def compare(job: Job) -> None:
   """Pre, PMF and SMAT zero-shot on the same protocols → results.json / results.md."""
-  config, runs = job.config, job.runs
-  groups = {spec: [job.domains[spec]] for spec in EVAL_SPECS}
+  config, runs, bench = job.config, job.runs, job.benchmark
+  groups = {spec: [job.domains[spec]] for spec in bench.eval_specs}
   models = {"Pre": (runs["pmf"].theta_pre, runs["pmf"].hp.vit), "PMF": runs["pmf"],
             "SMAT": runs["smat"]}
   protocols = evaluate.fixed_protocols(config.data.image_size, ways=5, shots=(1, 5),
@@ -162,11 +195,12 @@ def compare(job: Job) -> None:
   described = next(iter(protocols.values())).describe()
   evaluated = {name.upper(): metatrain.describe_checkpoint(str(job.out / name), run)
                for name, run in runs.items()}
-  table = (evaluate.comparison_table(reports, ID_SPECS, OOD_SPECS) + "\n\n"
+  table = (evaluate.comparison_table(reports, bench.id_specs, bench.ood_specs) + "\n\n"
            + evaluated_models_note(evaluated, runs["smat"].hp.experts.target_sparsity))
   results = {"evaluated": evaluated, "methods": reports,
-             "averages": {m: evaluate.averages(r, ID_SPECS, OOD_SPECS) for m, r in reports.items()},
-             "id_domains": list(ID_SPECS), "ood_domains": list(OOD_SPECS),
+             "averages": {m: evaluate.averages(r, bench.id_specs, bench.ood_specs)
+                          for m, r in reports.items()},
+             "id_domains": list(bench.id_specs), "ood_domains": list(bench.ood_specs),
              # The fields the protocols share, at the top as `experiments.paired` reads them.
              **{k: described[k] for k in ("episodes", "ways", "queries", "seed",
                                           "reserved_episodes")},
@@ -179,7 +213,7 @@ def compare(job: Job) -> None:
 
 
 def draw_figures(job: Job) -> None:
-  groups = {spec: [job.domains[spec]] for spec in EVAL_SPECS}
+  groups = {spec: [job.domains[spec]] for spec in job.benchmark.eval_specs}
   figures = plots.write_run_figures(job.runs["smat"], str(job.out / "figures"), groups,
                                     FixedSampler(5, 5, 15), job.config.data.image_size,
                                     episodes=50, seed=job.config.seed)
@@ -194,8 +228,8 @@ class Stage(NamedTuple):
 STAGES = (
     Stage(lambda job: f"offline benchmark in {job.data_dir}", build_data),
     Stage(lambda job: "domains", describe_domains),
-    Stage(lambda job: "episode loader (meta-training stream, glyphs:id train classes)",
-          measure_loader),
+    Stage(lambda job: f"episode loader (meta-training stream, train classes of "
+                      f"{', '.join(job.benchmark.id_specs)})", measure_loader),
     Stage(lambda job: "pre-training the backbone θ_pre (resumes from its checkpoints)",
           pretrain_backbone),
     Stage(lambda job: "meta-training PMF and SMAT on θ_pre (resumes from their checkpoints)",
@@ -203,7 +237,7 @@ STAGES = (
     Stage(lambda job: f"zero-shot comparison on identical episodes ({job.comparison_episodes} "
                       f"per cell)", compare),
     Stage(lambda job: "figures of the SMAT run: mask density per block/type/expert, expert "
-                      "choice", draw_figures),
+                      "choice, specialisation", draw_figures),
 )
 
 
@@ -211,23 +245,28 @@ def reproduce(workdir: str = DEFAULT_WORKDIR, data_dir: str | None = None,
               config_path: str = "glyphs_small",
               pretrain_config_path: str = "pretrain_glyphs",
               meta_variant: str = "", comparison_episodes: int = 200,
-              overrides: Sequence[str] = ()) -> dict:
-  """Runs every stage into `workdir`; `meta_variant` (e.g. "smoke") shrinks meta-training;
-  `overrides` (--config.FIELD=VALUE) go to every stage config that has the field."""
-  meta_paths = {m: f"{p}:{meta_variant}" if meta_variant else p for m, p in META_CONFIGS.items()}
+              overrides: Sequence[str] = (), benchmark: str = "offline") -> dict:
+  """Runs every stage of `BENCHMARKS[benchmark]` into `workdir`; `meta_variant` (e.g. "smoke")
+  shrinks meta-training; `overrides` (--config.FIELD=VALUE) go to every stage config that has
+  the field."""
+  if benchmark not in BENCHMARKS:
+    raise SmatError(f"--benchmark {benchmark}: choose one of {', '.join(BENCHMARKS)}")
+  bench = BENCHMARKS[benchmark]
+  meta_paths = {m: f"{p}:{meta_variant}" if meta_variant else p
+                for m, p in bench.meta_configs.items()}
   configs = stage_configs({"episodes": config_path, "pretrain": pretrain_config_path,
                            **meta_paths}, overrides)
   data_dir = data_dir or configs["episodes"].data_dir or default_data_dir()
   out = Path(workdir)
   backbone = out / "pretrain" / "backbone"
   own = {"episodes": [f"data_dir={data_dir}"],
-         "pretrain": [f"data_dir={data_dir}", f"eval.domains={','.join(EVAL_SPECS)}"],
-         **{m: [f"data_dir={data_dir}", f"backbone.path={backbone}"] for m in META_CONFIGS}}
+         "pretrain": [f"data_dir={data_dir}", f"eval.domains={','.join(bench.eval_specs)}"],
+         **{m: [f"data_dir={data_dir}", f"backbone.path={backbone}"] for m in meta_paths}}
   for stage, fields in own.items():
     for field in fields:
       config_lib.apply_override(configs[stage], field)
   out.mkdir(parents=True, exist_ok=True)
-  job = Job(out, configs, data_dir, comparison_episodes)
+  job = Job(out, configs, data_dir, comparison_episodes, bench)
   for number, stage in enumerate(STAGES, 1):
     print(f"[{number}/{len(STAGES)}] {stage.title(job)}")
     stage.run(job)

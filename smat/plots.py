@@ -3,6 +3,8 @@
   mask_density.png     per expert: fraction of non-zero deterministic gates per block and
                        parameter type (query, key, value, proj, fc1, fc2, norm1, norm2)
   expert_choice.png    per evaluation domain: the router's mean α over test episodes
+  specialisation.json  I(domain; expert) from those α and the experts' mask overlap
+                       (`smat.specialisation`)
 
 Densities are coverage-weighted like every sparsity figure (`smat.meta.experts`): a structured
 gate counts for each backbone entry it scales.
@@ -15,6 +17,7 @@ import functools
 import jax
 import numpy as np
 
+from smat import specialisation
 from smat.errors import require
 from smat.meta import experts, gates, router, tasks
 from smat.models import layout
@@ -185,4 +188,10 @@ def write_run_figures(run, out_dir: str, groups: dict[str, list], sampler, image
   plot_expert_choice(choice, os.path.join(out_dir, "expert_choice.png"))
   with open(os.path.join(out_dir, "expert_choice.json"), "w") as f:
     json.dump({name: alpha.tolist() for name, alpha in choice.items()}, f, indent=1)
-  return written + ["expert_choice.png", "expert_choice.json"]
+  masks = specialisation.deployed_masks(run)
+  measured = {"routing_information": specialisation.routing_information(choice),
+              "mask_overlap": (specialisation.mask_overlap(masks, run.theta_pre)
+                               if masks is not None else None)}
+  with open(os.path.join(out_dir, "specialisation.json"), "w") as f:
+    json.dump(measured, f, indent=1)
+  return written + ["expert_choice.png", "expert_choice.json", "specialisation.json"]

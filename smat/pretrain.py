@@ -4,10 +4,13 @@ Machines that cannot download DINO weights still need a θ_pre with a useful few
 representation. `config.pretrain.objective` picks how it is learnt:
 
 * "supervised" (`pretrain_glyphs`): the ViT with a linear or cosine head (discarded afterwards)
-  by cross-entropy on every image of the training classes of `config.data.train`;
-* "dino" (`pretrain_dino_glyphs`): DINO's self-distillation (`smat.dino`) on the images of an
-  unlabeled pool, `config.data.pool` (default: `config.data.train`'s training classes, labels
-  dropped); the teacher's backbone is the θ_pre written, as in DINO.
+  by cross-entropy on every image of the pool's classes;
+* "dino" (`pretrain_dino_glyphs`): DINO's self-distillation (`smat.dino`) on the same images,
+  labels dropped; the teacher's backbone is the θ_pre written, as in DINO.
+
+The pool is `config.data.pool` (empty: `config.data.train`), its `config.data.pool_split`
+classes: in the packaged configs the `pool` split, a share of the ID sources' training classes
+set apart so that no meta-training, validation or test class's labels reach θ_pre.
 
 Either way the run writes `<workdir>/backbone/` (usable by every command that takes
 `--backbone`) and a zero-shot ProtoNet report on the test classes (`<workdir>/fewshot.json`).
@@ -214,10 +217,20 @@ class Objective(NamedTuple):
   provenance: dict  # extra fields of backbone.json
 
 
+def pool_of(config) -> tuple[str, str]:
+  """(SPEC, split) of the classes θ_pre is pre-trained on: `config.data.pool` (empty:
+  `config.data.train`) and `config.data.pool_split` (the packaged configs: "pool", classes
+  disjoint from every meta-training, validation and test class; older configs: "train")."""
+  return (config.data.get("pool", "") or config.data.train,
+          config.data.get("pool_split", "train"))
+
+
 def supervised_objective(config, vit_config: vit.ViTConfig, replicated) -> Objective:
+  """Cross-entropy on the labelled images of the pool's classes."""
   p = config.pretrain
-  domains = load_domains(config.data.train, config.data_dir or None, seed=config.seed)
-  data = ClassificationData(domains, "train", config.data.image_size, p.batch_size, config.seed)
+  pool, split = pool_of(config)
+  domains = load_domains(pool, config.data_dir or None, seed=config.seed)
+  data = ClassificationData(domains, split, config.data.image_size, p.batch_size, config.seed)
   optimizer = make_optimizer(config)
   step_fn = jax.jit(
       functools.partial(train_step, optimizer=optimizer, vit_config=vit_config,
@@ -226,12 +239,13 @@ def supervised_objective(config, vit_config: vit.ViTConfig, replicated) -> Objec
       out_shardings=(replicated, replicated), donate_argnums=0)
   return Objective(data, init_state(config, data.num_classes, optimizer), step_fn,
                    lr_schedule(config), lambda state: state.params["backbone"],
-                   {"loss": "loss", "accuracy": "acc"}, {})
+                   {"loss": "loss", "accuracy": "acc"},
+                   {"objective": "supervised", "pool": pool, "pool_split": split,
+                    "pool_classes": data.num_classes})
 
 
 def dino_objective(config, vit_config: vit.ViTConfig, replicated) -> Objective:
-  """DINO on the unlabeled pool `config.data.pool` (empty: `config.data.train`), images of its
-  `config.data.pool_split` classes; no label is read."""
+  """DINO on the images of the pool's classes (`pool_of`); no label is read."""
   from smat import dino
 
   if "dino" not in config.pretrain:
@@ -239,8 +253,7 @@ def dino_objective(config, vit_config: vit.ViTConfig, replicated) -> Objective:
                     "start from the packaged config pretrain_dino_glyphs")
   dino.check_config(config, vit_config)
   p = config.pretrain
-  pool = config.data.get("pool", "") or config.data.train
-  split = config.data.get("pool_split", "train")
+  pool, split = pool_of(config)
   domains = load_domains(pool, config.data_dir or None, seed=config.seed)
   data = ImagePool(domains, split, config.data.image_size, p.batch_size, config.seed)
   optimizer = dino.optimizer_from(config)

@@ -6,7 +6,7 @@
   record_config   a resume keeps the run's config.json; changed values are an error unless
                   declared safe (`SAFE_TO_CHANGE`), and then recorded in config_changes.jsonl
   restore_intact  resume from the newest checkpoint that reads back, moving corrupt ones aside
-  DivergenceGuard stop before an exploding δ is saved; never promote one to best/
+  DivergenceGuard stop before an exploding δ is saved; never keep one as the best
   check_saves     a failed background checkpoint write stops the run at once
 """
 
@@ -225,15 +225,13 @@ def _aside(directory: str, step: int, why: str) -> str:
   return dst
 
 
-def restore_intact(manager, best_manager, restore, workdir: str, primary: bool = True):
+def restore_intact(manager, restore, workdir: str, primary: bool = True):
   """`restore(step)` of the newest checkpoint in `manager` that reads back (None: no checkpoint).
 
   Newer ones that do not (a truncated array file) are moved aside to `checkpoints/corrupt-<step>`
   with a warning naming each and the reason. When none reads back nothing is moved (that is a
-  run of another shape, not damage): one error line. Checkpoints of `best_manager` newer than
-  the step resumed from belong to a future the run is about to redo; they move to
-  `best/superseded-<step>` so that best/ stays consistent with the resumed run (which would
-  otherwise fail to save that step again)."""
+  run of another shape, not damage): one error line. The best checkpoint lives in the same
+  manager, so nothing newer than the resumed step is left to be consistent with."""
   directory = os.path.join(workdir, "checkpoints")
   result, resumed, failed = None, None, []
   for step in sorted(manager.all_steps(), reverse=True):
@@ -254,12 +252,6 @@ def restore_intact(manager, best_manager, restore, workdir: str, primary: bool =
           flush=True)
   if failed:
     manager.reload()
-  best_dir = os.path.join(workdir, "best")
-  newer = [s for s in best_manager.all_steps() if resumed is None or s > resumed]
-  for step in newer if primary else ():
-    _aside(best_dir, step, "superseded")
-  if newer:
-    best_manager.reload()
   return result
 
 
@@ -323,9 +315,9 @@ class DivergenceGuard:
   """Divergence caught on the host-side metrics of log steps, before anything is non-finite.
 
   `check` stops the run at a log step whose |loss| or max|δ| passes `train.max_loss` /
-  `train.max_delta` (the state is not saved, so neither checkpoints/ nor best/ ever holds an
-  exploded δ) and warns past `WARN_FRACTION` of them. `promote` says whether a validated state
-  may become best/: never with a non-finite accuracy, nor at chance after a warning."""
+  `train.max_delta` (the state is not saved, so no checkpoint ever holds an exploded δ) and
+  warns past `WARN_FRACTION` of them. `promote` says whether a validated state may be the run's
+  best: never with a non-finite accuracy, nor at chance after a warning."""
 
   def __init__(self, config, manager, workdir: str):
     self.max_loss = config.train.get("max_loss", TRAIN_DEFAULTS["max_loss"])
@@ -363,7 +355,7 @@ class DivergenceGuard:
             f"{self.good_before_warning}", file=sys.stderr, flush=True)
 
   def promote(self, result: dict, step: int) -> bool:
-    """Whether the state validated at `step` may be saved to best/ (raises when non-finite)."""
+    """Whether the state validated at `step` may be kept as the best (raises when non-finite)."""
     if not math.isfinite(result["accuracy"]) or not math.isfinite(result["ci95"]):
       raise SmatError(f"validation at step {step} is non-finite ({result['accuracy']}); the "
                       f"state was not saved and {_last_good(self.manager, self.workdir)}")
@@ -371,7 +363,7 @@ class DivergenceGuard:
         and result["accuracy"] <= self.chance + result["ci95"]):
       print(f"warning: validation at step {step} is at chance ({result['accuracy']:.2f}% for "
             f"1/{round(100 / self.chance)} = {self.chance:.2f}%) after the divergence warning at "
-            f"step {self.warned_at}: not promoted to best/; the last checkpoint before the "
+            f"step {self.warned_at}: not kept as the best; the last checkpoint before the "
             f"warning, step {self.good_before_warning}, is the good one", file=sys.stderr,
             flush=True)
       return False

@@ -71,17 +71,24 @@ def to_host(metrics: dict) -> dict:
 
 
 def checkpoint_manager(directory: str, keep: int, best_metric: str | None = None):
-  """Orbax manager in `directory`; with `best_metric` it keeps only the `keep` best steps.
+  """Orbax manager in `directory` keeping the latest `keep` steps and, with `best_metric`, also
+  the best step by that metric (saved with `metrics={best_metric: value}`; a step saved without
+  metrics is never the best), which `manager.best_step()` names: one manager per run, each
+  epoch's state written once. Ties go to the latest step.
 
-  Its multi-host barriers are prefixed with the directory's name: a run's "checkpoints" and
-  "best" managers both save at the end of an epoch, and with equal barrier keys their background
-  commits collide across processes ("barrier ... is already ongoing")."""
+  Multi-host barriers are prefixed with the directory's name, so that two managers saving at
+  the same step (a run's and a legacy `best/`, or two runs in one process) do not collide
+  across processes ("barrier ... is already ongoing")."""
   import orbax.checkpoint as ocp
+  from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+  policy = policies.LatestN(keep)
+  if best_metric:
+    policy = policies.AnyPreservationPolicy([policy, policies.BestN(
+        get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True,
-      best_fn=(lambda m: m[best_metric]) if best_metric else None,
-      best_mode="max",
+      create=True, preservation_policy=policy,
+      best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="max",
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)

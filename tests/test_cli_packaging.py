@@ -84,8 +84,28 @@ def test_glyph_configs_read_the_backbone_the_main_job_writes():
 
   default = cli.build_parser().parse_args(["reproduce"]).workdir
   assert default == pipeline.DEFAULT_WORKDIR
-  for name in ("smat_glyphs", "pmf_glyphs", "softmerge_glyphs"):
+  for name in ("smat_glyphs", "pmf_glyphs", "softmerge_glyphs", "smat_offline", "pmf_offline",
+               "softmerge_offline"):
     assert config_lib.load(name).backbone.path == f"{default}/pretrain/backbone", name
+
+
+def test_offline_configs_are_one_recipe_on_the_benchmark_the_main_job_compares_on():
+  from smat import pipeline
+
+  bench = pipeline.BENCHMARKS["offline"]
+  smat = config_lib.load("smat_offline").to_dict()
+  assert smat["data"]["train"].split(",") == list(bench.id_specs) == smat["data"]["val"].split(",")
+  assert smat["data"]["test"].split(",") == list(bench.eval_specs)
+  for method in ("pmf", "softmerge"):
+    other = config_lib.load(f"{method}_offline").to_dict()
+    assert other.pop("method") == method and {**smat, "method": None} == {**other,
+                                                                            "method": None}
+  assert {m: config_lib.load(p).method for m, p in bench.meta_configs.items()} == {
+      "pmf": "pmf", "smat": "smat"}
+  # The pre-training pool is classes no task draws from.
+  pretrain = config_lib.load("pretrain_glyphs")
+  assert (pretrain.data.pool or pretrain.data.train) in bench.id_specs
+  assert pretrain.data.pool_split == "pool"
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -258,7 +278,7 @@ def test_the_wheel_installed_in_a_fresh_venv_meta_trains_from_another_directory(
        "--config.data.image_size=16"], cwd=elsewhere, env=env, capture_output=True, text=True,
       timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert (elsewhere / "w" / "best").is_dir() and (elsewhere / "w" / "validation.json").is_file()
+  assert (elsewhere / "w" / "checkpoints").is_dir() and (elsewhere / "w" / "validation.json").is_file()
 
 
 # ----------------------------------------------------------------------------- optional parts

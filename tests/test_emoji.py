@@ -118,10 +118,10 @@ def test_domains_and_specs(built, monkeypatch):
   data_dir, path = built
   monkeypatch.setenv("SMAT_EMOJI_BUILD", str(path))
   domain = spec_lib.load_domain("emoji:id", str(data_dir))
-  names = {s: {c.name for c in domain.classes(s)} for s in ("train", "val", "test")}
-  assert [len(names[s]) for s in ("train", "val", "test")] == [14, 3, 3]
-  assert not (names["train"] & names["val"] or names["train"] & names["test"])
-  assert {c.group for s in ("train", "val", "test") for c in domain.classes(s)} == {
+  names = {s: {c.name for c in domain.classes(s)} for s in ("pool", "train", "val", "test")}
+  assert [len(names[s]) for s in ("pool", "train", "val", "test")] == [7, 7, 3, 3]
+  assert sum(map(len, names.values())) == len(set().union(*names.values()))  # disjoint
+  assert {c.group for s in ("pool", "train", "val", "test") for c in domain.classes(s)} == {
       "face-smiling", "face-hand"}
   c = domain.classes("test")[0]
   assert domain.read(int(c.image_ids[0])).shape == (16, 16, 3)

@@ -405,7 +405,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(base, f
                                                                           tmp_path, capfd):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
-  best_steps = _steps(workdir / "best")
+  best_step = metatrain.find_checkpoint(str(finished))[1]
   _truncate_arrays(workdir / "checkpoints" / "4")
   summary = _train(base, workdir)
   err = capfd.readouterr().err
@@ -416,8 +416,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(base, f
   delta, _ = _saved_delta(base, workdir)
   expected, _ = _saved_delta(base, finished)
   jax.tree.map(np.testing.assert_array_equal, delta, expected)  # the redone steps are the same
-  assert _steps(workdir / "best") == best_steps
-  metatrain.load_run(str(workdir))  # best/ is consistent and reads back
+  assert metatrain.find_checkpoint(str(workdir))[1] == best_step  # the same best, redone
+  metatrain.load_run(str(workdir))  # and it reads back
 
 
 def test_checkpoints_of_another_run_shape_are_an_error_and_stay(base, finished, tmp_path):
@@ -429,25 +429,52 @@ def test_checkpoints_of_another_run_shape_are_an_error_and_stay(base, finished, 
   assert _steps(workdir / "checkpoints") == [2, 4]  # nothing moved: not damage
 
 
-def test_a_deleted_latest_checkpoint_with_a_newer_best_resumes(base, finished, tmp_path):
+def _as_legacy_run(workdir: Path, best: int) -> None:
+  """The layout of runs written before one manager kept both: checkpoints/ saved without
+  metrics, the best in best/<step> (with its validation accuracy as metrics)."""
+  (workdir / "best").mkdir()
+  shutil.copytree(workdir / "checkpoints" / str(best), workdir / "best" / str(best))
+  for step in _steps(workdir / "checkpoints"):
+    shutil.rmtree(workdir / "checkpoints" / str(step) / "metrics")
+
+
+def test_a_run_from_before_one_manager_reads_its_best_from_best(base, finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
+  accuracy = {h["step"]: h["accuracy"] for h in json.loads((workdir / "validation.json")
+                                                             .read_text())}
+  worst = min(accuracy, key=lambda s: (accuracy[s], -s))  # not what the new layout would pick
+  _as_legacy_run(workdir, worst)
+  manager, step, where = metatrain.find_checkpoint(str(workdir))
+  assert (step, where) == (worst, f"{workdir}/best/{worst}")
+  assert manager.metrics(step) == {"val_accuracy": accuracy[worst]}
+  run, latest = metatrain.load_run(str(workdir)), metatrain.load_run(str(finished), "checkpoints")
+  assert run.tasks_seen * 4 == latest.tasks_seen * worst
+  assert metatrain.find_checkpoint(str(workdir), "checkpoints")[1] == 4
+
+
+def test_a_deleted_latest_checkpoint_with_a_newer_legacy_best_resumes(base, finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  _as_legacy_run(workdir, 4)
   shutil.rmtree(workdir / "checkpoints" / "4")
-  if 4 not in _steps(workdir / "best"):  # make best/ hold the deleted step
-    shutil.rmtree(workdir / "best" / str(_steps(workdir / "best")[0]))
-    shutil.copytree(finished / "checkpoints" / "4", workdir / "best" / "4")
+  # best/4 is a future the resume redoes: not the best until the run is back at step 4.
+  assert metatrain.find_checkpoint(str(workdir), "checkpoints")[1] == 2
+  with pytest.raises(SmatError, match="no validated checkpoint yet"):
+    metatrain.find_checkpoint(str(workdir))
   summary = _train(base, workdir)
   assert summary["stopped_at"] == 4 and _steps(workdir / "checkpoints") == [2, 4]
+  assert metatrain.find_checkpoint(str(workdir))[1] == 4  # redone: best/4 and checkpoints/4
 
 
 def test_evaluate_on_a_corrupt_best_is_one_line(base, finished, tmp_path, capsys):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
-  (step,) = _steps(workdir / "best")
-  _truncate_arrays(workdir / "best" / str(step))
+  step = metatrain.find_checkpoint(str(workdir))[1]
+  _truncate_arrays(workdir / "checkpoints" / str(step))
   code, _, err = run(["evaluate", "--workdir", workdir, "--domains", "glyphs:ood", "--out",
                       tmp_path / "r.json"], capsys)
-  assert_one_line_error(code, err, f"best", "checkpoint unreadable")
+  assert_one_line_error(code, err, f"checkpoints/{step}", "checkpoint unreadable")
 
 
 def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(base, tmp_path,
@@ -482,7 +509,7 @@ def test_divergence_stops_before_an_exploded_delta_is_saved(base, tmp_path):
                                       r"train\.max_delta=1000.*last good checkpoint is step 2"):
     _train(base, workdir, "--config.optim.delta_lr=1e30", "--config.optim.warmup_lr=1e30",
            "--config.optim.min_lr=1e30")
-  assert _steps(workdir / "checkpoints") == [2] and not _steps(workdir / "best")
+  assert _steps(workdir / "checkpoints") == [2] and not (workdir / "best").exists()
   delta, _ = _saved_delta(base, workdir)
   assert max(float(np.abs(d).max()) for d in jax.tree.leaves(delta)) < 1e3
 

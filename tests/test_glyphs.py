@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from smat.data import domain
 from smat.data.sources import glyphs
 from smat.errors import DataError
 
@@ -71,11 +72,13 @@ def test_prepare_again_is_instant_and_reuses_the_build(glyphs_data_dir):
 def test_domains_split_classes_and_hold_out_scripts(glyphs_data_dir):
   _, build_dir, _ = glyphs_data_dir
   id_domain = glyphs.load_domains(build_dir, "id")
-  names = {s: {c.name for c in id_domain.classes(s)} for s in ("train", "val", "test")}
-  # 30 letters per script: round(0.7·30) = 21 train, round(0.15·30) = 4 val, 5 test.
-  assert len(names["train"]) == 42 and len(names["val"]) == 8 and len(names["test"]) == 10
-  assert not (names["train"] & names["val"]) and not (names["train"] & names["test"])
+  names = {s: {c.name for c in id_domain.classes(s)} for s in ("pool", "train", "val", "test")}
+  # 30 letters per script: round(0.7·30) = 21 training letters, θ_pre's pool round(10.5) = 10
+  # of them and meta-training's the other 11; round(0.15·30) = 4 val, 5 test.
+  assert [len(names[s]) for s in ("pool", "train", "val", "test")] == [20, 22, 8, 10]
+  assert sum(map(len, names.values())) == len(set().union(*names.values()))  # disjoint
   assert {c.group for c in id_domain.classes("train")} == {"ARMENIAN", "GEORGIAN"}
+  assert {c.group for c in id_domain.classes("pool")} == {"ARMENIAN", "GEORGIAN"}
   ood = glyphs.load_domains(build_dir, "ood")
   assert not ood.classes("train") and len(ood.classes("test")) == 27
   # A single script's split is the same as its part of glyphs:id.
@@ -85,6 +88,17 @@ def test_domains_split_classes_and_hold_out_scripts(glyphs_data_dir):
   image = id_domain.read(int(id_domain.classes("train")[0].image_ids[0]))
   assert image.shape == (16, 16, 3) and image.dtype == np.uint8
   assert image.max() == 255 and image.min() < 128  # dark ink on white paper
+
+
+def test_the_pool_is_cut_from_the_training_classes_and_leaves_val_and_test_alone():
+  classes = [domain.ImageClass(name=str(i), image_ids=np.arange(1)) for i in range(40)]
+  with_pool = domain.split_classes_by_fraction(classes, (0.7, 0.15, 0.15), seed=[0, 7])
+  without = domain.split_classes_by_fraction(classes, (0.7, 0.15, 0.15), seed=[0, 7],
+                                             pool_share=0.0)
+  assert without["pool"] == () and len(without["train"]) == 28
+  assert with_pool["pool"] + with_pool["train"] == without["train"]
+  assert len(with_pool["pool"]) == 14 == len(with_pool["train"])
+  assert (with_pool["val"], with_pool["test"]) == (without["val"], without["test"])
 
 
 def test_unknown_script_and_missing_build_and_missing_fonts(tmp_path, glyphs_data_dir):

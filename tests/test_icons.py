@@ -174,13 +174,12 @@ def test_domain_splits_by_class_and_draws_black_on_white(built, monkeypatch):
   data_dir, path = built
   monkeypatch.setenv("SMAT_ICONS_BUILD", str(path))
   domain = spec_lib.load_domain("icons:id", str(data_dir))
-  names = {s: {c.name for c in domain.classes(s)} for s in ("train", "val", "test")}
-  assert [len(names[s]) for s in ("train", "val", "test")] == [6, 1, 2]
-  assert not (names["train"] & names["val"] or names["train"] & names["test"]
-              or names["val"] & names["test"])
+  names = {s: {c.name for c in domain.classes(s)} for s in ("pool", "train", "val", "test")}
+  assert [len(names[s]) for s in ("pool", "train", "val", "test")] == [3, 3, 1, 2]
+  assert sum(map(len, names.values())) == len(set().union(*names.values()))  # disjoint
   assert set().union(*names.values()) == {f"icons/{c}" for c in CLASSES}
   assert domain.metadata["sets"] == ["alpha", "beta", "gamma"]
-  box = next(c for s in ("train", "val", "test") for c in domain.classes(s)
+  box = next(c for s in ("pool", "train", "val", "test") for c in domain.classes(s)
              if c.name == "icons/box")
   for image_id in box.image_ids:  # a filled square in the middle, jittered, in every set
     image = domain.read(int(image_id))

@@ -149,6 +149,10 @@ def _steps(directory) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def _best_step(workdir) -> int:
+  return metatrain.find_checkpoint(str(workdir))[1]
+
+
 def _saved(config, workdir, step=None, which="checkpoints") -> Saved:
   """Everything a checkpoint holds: the full MetaState, the RNG and the stream position."""
   template = metatrain.setup(config)[3]
@@ -207,8 +211,9 @@ def test_resumed_runs_equal_the_uninterrupted_run(shared, tmp_path):
   final = _saved(config, tmp_path)
   assert int(final.state.step) == TOTAL and int(final.state.bad_step) == -1
   _assert_same_checkpoint(_saved(config, shared.workdir), final)
-  _assert_same_checkpoint(_saved(config, shared.workdir, which="best"),
-                          _saved(config, tmp_path, which="best"))
+  assert _best_step(tmp_path) == _best_step(shared.workdir)
+  _assert_same_checkpoint(_saved(config, shared.workdir, _best_step(shared.workdir)),
+                          _saved(config, tmp_path, _best_step(tmp_path)))
   assert resumed["best"] == shared.summary["best"]
 
   # metrics.jsonl reads like one run: each step once, every value as in the uninterrupted run.
@@ -263,6 +268,31 @@ def test_two_processes_of_two_devices_match_one_device(shared, two_processes):
   _assert_first_epoch_matches_one_device(shared, root / "run")
 
 
+def test_one_manager_keeps_the_latest_steps_and_the_best(tmp_path):
+  """Latest-N and best-1 preservation in one manager: a tie goes to the later step, a step saved
+  without metrics (refused by the divergence guard) is never the best, and the best survives
+  long after it left the latest N."""
+  import orbax.checkpoint as ocp
+
+  accuracy = {1: 50.0, 2: 90.0, 3: 30.0, 4: 90.0, 5: None, 6: 95.0, 7: 20.0, 8: None, 9: 10.0}
+  manager = training.checkpoint_manager(str(tmp_path), 2, "val_accuracy")
+  for step, acc in accuracy.items():
+    manager.save(step, args=ocp.args.StandardSave({"x": np.full(3, step, np.float32)}),
+                 metrics=None if acc is None else {"val_accuracy": acc})
+    manager.wait_until_finished()
+    if step == 5:
+      assert manager.all_steps() == [4, 5] and manager.best_step() == 4  # the tie's later step
+  assert manager.all_steps() == [6, 8, 9] and manager.best_step() == 6
+  restored = manager.restore(6, args=ocp.args.StandardRestore())
+  np.testing.assert_array_equal(restored["x"], np.full(3, 6.0))
+  manager.close()
+  latest_only = training.checkpoint_manager(str(tmp_path / "plain"), 2)
+  for step in range(1, 5):
+    latest_only.save(step, args=ocp.args.StandardSave({"x": np.zeros(1)}))
+  latest_only.wait_until_finished()
+  assert latest_only.all_steps() == [3, 4]
+
+
 _TWO_MANAGERS = """
 import os, sys
 import jax
@@ -284,9 +314,10 @@ for manager in managers:
 
 
 def test_two_checkpoint_managers_save_together_on_two_processes(tmp_path):
-  """A run's "checkpoints" and "best" managers save at the same steps; on several processes
-  their background commits must not share barrier keys (without distinct prefixes this fails
-  within a few steps with "barrier ... is already ongoing")."""
+  """Two managers saving at the same steps (a resumed old run's "checkpoints" and legacy
+  "best", two runs in one process): on several processes their background commits must not
+  share barrier keys (without distinct prefixes this fails within a few steps with "barrier ...
+  is already ongoing")."""
   import socket
 
   with socket.socket() as s:
@@ -359,14 +390,18 @@ def test_validation_every_epoch_and_best_checkpoint_reproduce(shared):
     assert sum(h["alpha_mean"]) == pytest.approx(1.0, abs=1e-5)  # α is normalised per task
   best_accuracy = max(h["accuracy"] for h in history)
   best_steps = [h["step"] for h in history if h["accuracy"] == best_accuracy]
-  (best_step,) = _steps(shared.workdir / "best")
-  assert best_step in best_steps
+  manager, best_step, where = metatrain.find_checkpoint(str(shared.workdir))
+  assert best_step in best_steps and best_step == max(best_steps)  # ties: the latest
+  assert where == f"{shared.workdir}/checkpoints/{best_step}"
+  assert manager.metrics(best_step) == {"val_accuracy": best_accuracy}
   assert shared.summary["best"]["val_accuracy"] == best_accuracy
+  # One manager keeps the latest epochs and the best, each written once; no best/ beside it.
+  assert _steps(shared.workdir / "checkpoints") == sorted(
+      {best_step, *[h["step"] for h in history][-config.train.keep_checkpoints:]})
+  assert not (shared.workdir / "best").exists()
 
   run = metatrain.load_run(str(shared.workdir))
   assert run.hp.method == "smat" and run.tasks_seen == TASKS * best_step
-  _assert_same_checkpoint(_saved(config, shared.workdir, best_step),
-                          _saved(config, shared.workdir, which="best"))
   result = metatrain.evaluate(run, metatrain.validation_batches(config))
   assert result["accuracy"] == best_accuracy
   assert result["episodes"] == config.val.episodes
@@ -418,16 +453,17 @@ def test_metrics_rows_and_tensorboard(shared):
 def test_sparsity_settles_at_target_and_loss_falls(shared):
   """λ raises every expert's deployed sparsity (its deterministic meta-test mask) from 0
   (log α ~ N(0, 0.5²): no gate below logit(1/12)) to τ; λ resets at the step that reaches it
-  and the sparsity stays there, within the one step's overshoot (observed 0.538 and 0.538,
-  one step's gain at this lr being about 0.08); the masks meta-test loads have it."""
+  and the sparsity stays exactly there (no gate pushed further, none revived), so the budget
+  overshoots by at most that one step's rise, under 0.1 at this λ lr (observed 0.081 and 0.054
+  for overshoots of 0.054 and 0.039); the masks meta-test loads have it."""
   rows = _train_rows(shared.workdir)
   sparsity = np.array([r["expert_sparsity"] for r in rows])
   assert sparsity[0].max() < 0.01
   for k in range(sparsity.shape[1]):
     (reached, *_), = np.nonzero(sparsity[:, k] > TAU)
     assert reached < len(rows) - 20  # met with time to spare, then held
-    assert np.all(sparsity[reached:, k] > TAU)
-    assert np.all(sparsity[reached:, k] < TAU + 0.05)
+    assert np.all(sparsity[reached:, k] == sparsity[reached, k])  # held, not pushed on
+    assert sparsity[reached, k] - sparsity[reached - 1, k] < 0.1  # one update's rise
     assert all(r["lam"][k] == 0.0 for r in rows[reached:])  # reset, and never pushed again
   gate_logits = _saved(shared.config, shared.workdir).state.params["gates"]
   theta_pre = metatrain.setup(shared.config)[0]
@@ -482,14 +518,10 @@ def test_cli_meta_train(base, tmp_path, capsys):
   assert code == 0
   history = json.loads((tmp_path / "pmf" / "validation.json").read_text())
   assert [h["step"] for h in history] == [2, 4]  # smoke: 2 epochs of 2 steps
-  best = max(reversed(history), key=lambda h: h["accuracy"])  # ties: the latest, as best/
-  kept = sorted(int(p.name) for p in (tmp_path / "pmf" / "best").iterdir() if p.name.isdigit())
-  assert kept == [best["step"]]
+  best = max(reversed(history), key=lambda h: h["accuracy"])  # ties: the latest, as kept
+  assert _best_step(tmp_path / "pmf") == best["step"]
   assert (f"pmf: best validation accuracy {best['accuracy']:.2f} ± {best['ci95']:.2f}% at step "
-          f"{best['step']}") in out
-  # best/ holds a checkpoint of the best accuracy (on a tie, not necessarily the printed step).
-  (kept,) = _steps(tmp_path / "pmf" / "best")
-  assert next(h["accuracy"] for h in history if h["step"] == kept) == best["accuracy"]
+          f"{best['step']} ({tmp_path / 'pmf'}/checkpoints/{best['step']})") in out
 
   # Without --domains, evaluate tests the run's benchmark (its config's data.test).
   data_dir = next(o.split("=", 1)[1] for o in base if o.startswith("--config.data_dir="))

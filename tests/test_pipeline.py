@@ -14,9 +14,10 @@ from smat.data.sources import fashion_mnist
 def test_reproduce_builds_trains_and_compares(tmp_path):
   summary = pipeline.reproduce(str(tmp_path / "run"), str(tmp_path / "data"),
                                pretrain_config_path="pretrain_glyphs:smoke",
-                               meta_variant="smoke", comparison_episodes=4)
+                               meta_variant="smoke", comparison_episodes=4, benchmark="glyphs")
   domains = summary["domains"]
-  assert domains["glyphs:id"]["splits"]["train"]["num_classes"] > 1000
+  assert domains["glyphs:id"]["splits"]["train"]["num_classes"] > 700
+  assert domains["glyphs:id"]["splits"]["pool"]["num_classes"] > 700
   assert domains["glyphs:ood"]["splits"]["train"]["num_classes"] == 0
   assert domains["glyphs:ood"]["num_classes"] > 300
   assert domains["fashion_mnist"]["num_images"] == 10000
@@ -24,7 +25,7 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
   assert 5 <= stats["ways_min"] and stats["ways_max"] <= 50 and stats["query_mean"] > 0
   assert summary["loader"]["episodes_per_s"] > 0
   written = json.loads((tmp_path / "run" / "summary.json").read_text())
-  assert written["glyphs_build"] == summary["glyphs_build"]
+  assert written["builds"] == summary["builds"] and set(summary["builds"]) == {"glyphs"}
   fewshot = summary["pretrain"]["fewshot"]
   assert set(fewshot) == {"glyphs:id", "glyphs:ood", "fashion_mnist"}
   assert all(0 <= cell["accuracy"] <= 100 for row in fewshot.values() for cell in row.values())
@@ -32,7 +33,7 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
   assert sorted(p.name for p in (tmp_path / "run").glob("episode_*.png")) == [
       "episode_fashion_mnist.png", "episode_glyphs_id.png", "episode_glyphs_ood.png"]
   for method in ("pmf", "smat"):
-    assert (tmp_path / "run" / method / "best").is_dir()
+    assert (tmp_path / "run" / method / "checkpoints").is_dir()
     assert summary["meta_train"][method]["stopped_at"] == summary["meta_train"][method]["total_steps"]
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   assert list(results["methods"]) == ["Pre", "PMF", "SMAT"]
@@ -49,7 +50,7 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
     evaluated, best = results["evaluated"][name], summary["meta_train"][method]["best"]
     assert evaluated["step"] == best["step"]
     assert evaluated["val_accuracy"] == pytest.approx(best["val_accuracy"])
-    assert f"{name}: `best/` checkpoint, step {best['step']} " in results["table"]
+    assert f"{name}: best checkpoint, step {best['step']} " in results["table"]
   assert results["evaluated"]["PMF"]["sparsity"] is None
   assert len(results["evaluated"]["SMAT"]["sparsity"]["deployed"]) == 2
   figures = tmp_path / "run" / "figures"
@@ -59,4 +60,7 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
   assert set(choice) == {"glyphs:id", "glyphs:ood", "fashion_mnist"}
   assert all(len(alpha) == 2 and abs(sum(alpha) - 1) < 1e-5 for alpha in choice.values())
   density = json.loads((figures / "mask_density.json").read_text())["mask_density"]
+  measured = json.loads((figures / "specialisation.json").read_text())
+  assert 0 <= measured["routing_information"]["normalised"] <= 1
+  assert len(measured["mask_overlap"]["jaccard"]) == 2
   assert all(0 <= d <= 1 for d in density["by_block"])

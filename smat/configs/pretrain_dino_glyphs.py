@@ -2,9 +2,9 @@
 
   smat pretrain --config pretrain_dino_glyphs --workdir runs/dino_try
 
-No label is read: the pool is the images of `data.pool` (empty: `data.train`, the glyphs:id
-training classes, their labels dropped); for the offline benchmark's θ_pre set it to a pool
-disjoint from the meta-training classes. Writes <workdir>/backbone (the teacher's backbone, as
+No label is read: the pool is the images of `data.pool` (empty: `data.train`), its
+`data.pool_split` classes (the glyphs:id letters set apart for θ_pre, disjoint from the
+meta-training classes). Writes <workdir>/backbone (the teacher's backbone, as
 DINO releases), TensorBoard scalars, metrics.jsonl (loss, teacher entropy per image and of the
 batch mean: both near 0 or both near log K means collapse) and fewshot.json: zero-shot ProtoNet
 accuracy (5-way 1-shot and 5-shot, 600 episodes, 95% CI) on the glyphs:id test classes and on
@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict()
   config.data.train = "glyphs:id"  # the meta-training domains (provenance; the default pool)
   config.data.pool = ""  # the unlabeled pool (SPEC); empty: data.train
-  config.data.pool_split = "train"  # images of the pool's classes of this split
+  config.data.pool_split = "pool"  # images of the pool's classes of this split
   config.data.image_size = 32
   config.data.loader_threads = 2
   config.data.prefetch = 4

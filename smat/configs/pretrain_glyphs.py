@@ -1,4 +1,7 @@
-"""Supervised pre-training of the small backbone on the glyphs:id training classes (2 CPU cores).
+"""Supervised pre-training of the small backbone on the glyphs:id pool classes (2 CPU cores).
+
+The pool is the half of the ID scripts' training letters set apart for θ_pre: no letter whose
+label θ_pre learns is met in meta-training, validation or test.
 
   smat pretrain --config pretrain_glyphs --workdir runs/demo/pretrain
 
@@ -20,7 +23,9 @@ def get_config(arg=None):
   config.data_dir = ""  # empty: $SMAT_DATA_DIR or ~/.cache/smat
 
   config.data = ml_collections.ConfigDict()
-  config.data.train = "glyphs:id"  # pre-train on the train classes of these domains
+  config.data.train = "glyphs:id"  # the meta-training domains (provenance; the default pool)
+  config.data.pool = ""  # the pre-training domains (SPEC); empty: data.train
+  config.data.pool_split = "pool"  # their classes set apart for θ_pre ("train": meta-training's)
   config.data.image_size = 32
   config.data.loader_threads = 2  # batches are read ahead on these threads
   config.data.prefetch = 4

@@ -22,7 +22,7 @@ from PIL import Image
 
 from smat.errors import DataError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("pool", "train", "val", "test")  # pool: θ_pre's classes (pre-training only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,16 +134,27 @@ def gray_to_rgb(array: np.ndarray) -> np.ndarray:
   return np.repeat(array[..., None], 3, axis=-1)
 
 
+# The share of an ID source's training classes kept for pre-training θ_pre (the `pool` split),
+# so that no class whose labels θ_pre learnt is met again in meta-training: the paper's θ_pre
+# (DINO on ImageNet) never saw Meta-Dataset's episodes either.
+POOL_SHARE_OF_TRAIN = 0.5
+
+
 def split_classes_by_fraction(
-    classes: Sequence[ImageClass], fractions: tuple[float, float, float], seed: int | list[int]
+    classes: Sequence[ImageClass], fractions: tuple[float, float, float], seed: int | list[int],
+    pool_share: float = POOL_SHARE_OF_TRAIN,
 ) -> dict[str, tuple[ImageClass, ...]]:
-  """Seeded permutation of `classes` cut into train/val/test by `fractions`."""
+  """Seeded permutation of `classes` cut into train/val/test by `fractions`, then the first
+  `pool_share` of the train block set apart as the `pool` split (θ_pre's classes). val and test
+  do not depend on `pool_share`."""
   order = np.random.default_rng(seed).permutation(len(classes))
   n_train = int(round(fractions[0] * len(classes)))
   n_val = int(round(fractions[1] * len(classes)))
+  n_pool = int(round(pool_share * n_train))
   picked = [classes[i] for i in order]
   return {
-      "train": tuple(picked[:n_train]),
+      "pool": tuple(picked[:n_pool]),
+      "train": tuple(picked[n_pool:n_train]),
       "val": tuple(picked[n_train:n_train + n_val]),
       "test": tuple(picked[n_train + n_val:]),
   }

@@ -19,7 +19,7 @@ from smat.data import episodes as ep
 from smat.data.domain import Domain
 from smat.errors import DataError
 
-_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2, "pool": 3}
 
 
 def _rng(*words: int) -> np.random.Generator:

@@ -116,7 +116,7 @@ def soft_merge(theta_pre, deltas, alpha: jax.Array):
   return jax.tree.map(lambda p, d: p + jnp.tensordot(alpha, d, axes=1), theta_pre, deltas)
 
 
-def _coverage(gate: jax.Array, param) -> float:
+def coverage(gate: jax.Array, param) -> float:
   """Backbone elements one expert's gate leaf stands for (structured gates cover several)."""
   return float(np.prod(param.shape)) / max(gate[0].size, 1) if has_gates(gate) else 0.0
 
@@ -131,7 +131,7 @@ def _coverage_mean(gate_leaves, params, sums) -> jax.Array:
   total = jnp.zeros(gate_leaves[0].shape[:1])
   for g, p, s in zip(gate_leaves, jax.tree.leaves(params), sums):
     if has_gates(g):
-      total = total + _coverage(g, p) * s
+      total = total + coverage(g, p) * s
   return total / total_size(params)
 
 

@@ -271,7 +271,7 @@ def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
     if which not in named:
       raise DataError(f"emoji:{which}: no such category; choose id, ood or one of {list(named)}")
     chosen = [named[which]]
-  splits: dict[str, list[ImageClass]] = {"train": [], "val": [], "test": []}
+  splits: dict[str, list[ImageClass]] = {"pool": [], "train": [], "val": [], "test": []}
   for category in chosen:
     if category in meta["ood_categories"]:
       splits["test"].extend(by_category[category])

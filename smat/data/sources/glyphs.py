@@ -362,7 +362,7 @@ def load_domains(build_dir: str | os.PathLike, which: str) -> Domain:
       raise DataError(f"glyphs:{which}: no such script; choose id, ood or one of "
                       f"{[s.lower().replace(' ', '_') for s in by_script]}")
     scripts = [name]
-  splits: dict[str, list[ImageClass]] = {"train": [], "val": [], "test": []}
+  splits: dict[str, list[ImageClass]] = {"pool": [], "train": [], "val": [], "test": []}
   for script in sorted(scripts):
     if script in meta["ood_scripts"]:
       splits["test"].extend(by_script[script])
