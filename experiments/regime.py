@@ -94,7 +94,7 @@ def mean_gain(point: dict) -> float:
 def choose(points: list[dict]) -> dict:
   """The point whose PMF has the highest mean validation gain over the cells (ties: the first
   of the grid)."""
-  return max(reversed(points), key=mean_gain)
+  return max(points, key=mean_gain)  # max keeps the first of equals
 
 
 def markdown(pre: dict, points: list[dict], chosen: dict, min_gain: float) -> list[str]:
@@ -114,7 +114,7 @@ def markdown(pre: dict, points: list[dict], chosen: dict, min_gain: float) -> li
                      for c in cells) + " |")
   for p in points:
     average = id_average(p["gain"])
-    lines.append(f"| PMF {p['name']} (step {p['step']}) | ID average | " + " |" * len(cells) +
+    lines.append(f"| PMF {p['name']} (step {p['step']}) | ID average |" + " |" * len(cells) +
                  " " + " | ".join(f"{average[c][0]:+.2f} ± {average[c][1]:.2f}" for c in cells)
                  + " |")
   verdict = "holds" if chosen["holds"] else "does not hold"
@@ -149,13 +149,18 @@ def main(argv=None) -> int:
   protocols = evaluate.fixed_protocols(config.data.image_size, episodes=args.episodes,
                                        seed=args.seed, split="val",
                                        resize_ratio=config.data.get("test_resize_ratio"))
-  pre = evaluate.report(checkpoint.load(args.backbone), groups, protocols)
   path = args.out + ".json"
   saved = json.load(open(path)) if os.path.exists(path) else {}
   if saved and (saved["backbone"], saved["config"], saved["overrides"]) != (
       os.path.abspath(args.backbone), args.config, overrides):
     raise SystemExit(f"error: {path} holds points of another backbone or config; pick another "
                      f"--out")
+  described = json.loads(json.dumps({k: p.describe() for k, p in protocols.items()}))
+  if saved.get("protocol") == described and set(saved["pre"]) == set(groups):
+    pre = saved["pre"]  # the same episodes of the same backbone: measured already
+  else:
+    saved.pop("points", None)  # other episodes: every point is measured again
+    pre = evaluate.report(checkpoint.load(args.backbone), groups, protocols)
   done = {p["name"]: p for p in saved.get("points", [])}
 
   def write(points: list[dict]) -> None:
