@@ -6,8 +6,8 @@
 # Installs Debian's fonts-noto-core and dataset-fashion-mnist (the offline benchmark's inputs)
 # with apt when run as root or with sudo, a virtual environment in .venv, and smat into it at the
 # exact versions of constraints.txt, with every optional source (TFDS, h5, icons); fetches the
-# emoji and icons domains' npm packages when npm is there. SMAT_CUDA=12 adds
-# JAX's CUDA 12 wheels (jax[cuda12], the `cuda12` extra) for an NVIDIA GPU machine.
+# emoji and icons domains' npm packages (the main job's benchmark needs them) when npm is there.
+# SMAT_CUDA=12 adds JAX's CUDA 12 wheels (jax[cuda12], the `cuda12` extra) for an NVIDIA GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-reproduce}"
@@ -35,9 +35,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The emoji and icons domains' drawings: npm tarballs, fetched once into the data directory (they
-# are read from the tarballs by `smat data prepare emoji|icons`). Not fatal: the main job does not
-# need them. npm pack names a scoped package's tarball without the @: @iconify/json@V →
-# iconify-json-V.tgz.
+# are read from the tarballs by `smat data prepare emoji|icons`). Not fatal: the tests and the
+# glyph-only main job (`smat reproduce --benchmark glyphs`) run without them. npm pack names a
+# scoped package's tarball without the @: @iconify/json@V → iconify-json-V.tgz.
 NPM_PACKAGES=(emoji-datasource-apple@16.0.0 emoji-datasource-google@16.0.0
               emoji-datasource-twitter@16.0.0 emoji-datasource-facebook@16.0.0
               @iconify/json@2.2.535)
@@ -53,8 +53,9 @@ if [ ${#wanted[@]} -gt 0 ]; then
       && npm pack --silent "${wanted[@]}" --pack-destination "$npm_dir" >/dev/null; then
     echo "fetched ${wanted[*]} into $npm_dir"
   else
-    echo "warning: could not fetch ${wanted[*]} (needs npm); for the emoji and icons domains run" >&2
-    echo "  npm pack ${wanted[*]} --pack-destination $npm_dir" >&2
+    echo "warning: could not fetch ${wanted[*]} (needs npm); the main job's emoji and icons" >&2
+    echo "domains need them: run  npm pack ${wanted[*]} --pack-destination $npm_dir" >&2
+    echo "(or run the glyph-only main job: .venv/bin/smat reproduce --benchmark glyphs)" >&2
   fi
 fi
 
