@@ -408,9 +408,9 @@ def _add_reproduce(commands) -> None:
   """`smat reproduce`: the main job."""
   reproduce = commands.add_parser(
       "reproduce", help="main job on the offline benchmark: build data, describe it, sample "
-                       "episodes, pre-train θ_pre, meta-train PMF and SMAT, and compare Pre, "
-                       "PMF and SMAT zero-shot in and out of distribution, draw SMAT's masks and "
-                       "expert choice")
+                       "episodes, pre-train θ_pre, meta-train PMF, SoftMerge and SMAT, and "
+                       "compare Pre and the three zero-shot in and out of distribution, draw "
+                       "SMAT's masks and expert choice")
   reproduce.add_argument("--workdir", default="runs/demo", help="outputs (default: runs/demo)")
   reproduce.add_argument("--benchmark", default="offline", choices=("offline", "glyphs"),
                          help="offline (default): ID glyphs:id, emoji:id, icons:id, OOD "

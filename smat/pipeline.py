@@ -2,12 +2,13 @@
 
 Stages: build the benchmark's sources → describe every evaluation domain → draw example
 episodes → measure the episode loader → pre-train the small backbone θ_pre on its pool →
-meta-train PMF and SMAT on top of it → zero-shot comparison of Pre, PMF and SMAT on identical
-episodes, in distribution (the ID sources' test classes) and out of distribution (held-out
+meta-train PMF, SoftMerge and SMAT on top of it → zero-shot comparison of Pre and the three on
+identical episodes, in distribution (the ID sources' test classes) and out of distribution (held-out
 domains) → figures of the SMAT run (`figures/`: mask density per block and parameter type,
 expert choice per domain, specialisation). `BENCHMARKS` names what each benchmark builds,
 trains and compares on: `offline` (glyphs, emoji and icons; the default) or `glyphs` alone.
-Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`, `smat/`);
+Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`, `softmerge/`,
+`smat/`);
 `results.json` / `results.md` hold the comparison and `summary.json` every figure.
 Re-running resumes: finished stages are cached, training resumes from its checkpoints.
 """
@@ -33,7 +34,7 @@ from smat.errors import SmatError
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   """What the main job builds (`smat data prepare` of each source), pre-trains, meta-trains
-  (method → config) and compares on (ID and OOD SPECs)."""
+  (method → config, in the table's column order) and compares on (ID and OOD SPECs)."""
 
   sources: tuple[str, ...]
   id_specs: tuple[str, ...]
@@ -48,10 +49,13 @@ class Benchmark:
 BENCHMARKS = {
     "offline": Benchmark(("glyphs", "emoji", "icons"), ("glyphs:id", "emoji:id", "icons:id"),
                          ("glyphs:ood", "emoji:ood", "fashion_mnist"),
-                         {"pmf": "pmf_offline", "smat": "smat_offline"}),
+                         {"pmf": "pmf_offline", "softmerge": "softmerge_offline",
+                          "smat": "smat_offline"}),
     "glyphs": Benchmark(("glyphs",), ("glyphs:id",), ("glyphs:ood", "fashion_mnist"),
-                        {"pmf": "pmf_glyphs", "smat": "smat_glyphs"}),
+                        {"pmf": "pmf_glyphs", "softmerge": "softmerge_glyphs",
+                         "smat": "smat_glyphs"}),
 }
+COLUMN_NAMES = {"pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}  # method → table column
 DEFAULT_WORKDIR = "runs/demo"  # the packaged configs' backbone.path is its pretrain/backbone
 # Fields the job sets itself (overriding them would split the stages' inputs), and what to use.
 JOB_FIELDS = {"data_dir": "--data-dir",
@@ -178,11 +182,13 @@ def meta_train(job: Job) -> None:
 
 
 def compare(job: Job) -> None:
-  """Pre, PMF and SMAT zero-shot on the same protocols → results.json / results.md."""
+  """θ_pre ("Pre") and each meta-trained method zero-shot on the same protocols →
+  results.json / results.md."""
   config, runs, bench = job.config, job.runs, job.benchmark
   groups = {spec: [job.domains[spec]] for spec in bench.eval_specs}
-  models = {"Pre": (runs["pmf"].theta_pre, runs["pmf"].hp.vit), "PMF": runs["pmf"],
-            "SMAT": runs["smat"]}
+  any_run = next(iter(runs.values()))
+  models = {"Pre": (any_run.theta_pre, any_run.hp.vit),
+            **{COLUMN_NAMES[method]: runs[method] for method in bench.meta_configs}}
   protocols = evaluate.fixed_protocols(config.data.image_size, ways=5, shots=(1, 5),
                                        queries=15, episodes=job.comparison_episodes,
                                        seed=config.seed,
@@ -193,8 +199,8 @@ def compare(job: Job) -> None:
     reports[name] = evaluate.report(model, groups, protocols)
     print(f"  {name}: {time.perf_counter() - start:.0f} s")
   described = next(iter(protocols.values())).describe()
-  evaluated = {name.upper(): metatrain.describe_checkpoint(str(job.out / name), run)
-               for name, run in runs.items()}
+  evaluated = {COLUMN_NAMES[method]: metatrain.describe_checkpoint(str(job.out / method), run)
+               for method, run in runs.items()}
   table = (evaluate.comparison_table(reports, bench.id_specs, bench.ood_specs) + "\n\n"
            + evaluated_models_note(evaluated, runs["smat"].hp.experts.target_sparsity))
   results = {"evaluated": evaluated, "methods": reports,
@@ -232,8 +238,8 @@ STAGES = (
                       f"{', '.join(job.benchmark.id_specs)})", measure_loader),
     Stage(lambda job: "pre-training the backbone θ_pre (resumes from its checkpoints)",
           pretrain_backbone),
-    Stage(lambda job: "meta-training PMF and SMAT on θ_pre (resumes from their checkpoints)",
-          meta_train),
+    Stage(lambda job: f"meta-training {', '.join(map(COLUMN_NAMES.get, job.benchmark.meta_configs))}"
+                      f" on θ_pre (resumes from their checkpoints)", meta_train),
     Stage(lambda job: f"zero-shot comparison on identical episodes ({job.comparison_episodes} "
                       f"per cell)", compare),
     Stage(lambda job: "figures of the SMAT run: mask density per block/type/expert, expert "
@@ -272,6 +278,6 @@ def reproduce(workdir: str = DEFAULT_WORKDIR, data_dir: str | None = None,
     stage.run(job)
   (out / "summary.json").write_text(json.dumps(job.summary, indent=1))
   print(f"wrote {out / 'results.json'}, {out / 'summary.json'}, example episodes "
-        f"{out}/episode_*.png, figures {out}/figures; runs: {out}/pretrain, {out}/pmf, "
-        f"{out}/smat")
+        f"{out}/episode_*.png, figures {out}/figures; runs: {out}/pretrain, "
+        + ", ".join(f"{out}/{method}" for method in bench.meta_configs))
   return job.summary

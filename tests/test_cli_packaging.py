@@ -101,7 +101,7 @@ def test_offline_configs_are_one_recipe_on_the_benchmark_the_main_job_compares_o
     assert other.pop("method") == method and {**smat, "method": None} == {**other,
                                                                             "method": None}
   assert {m: config_lib.load(p).method for m, p in bench.meta_configs.items()} == {
-      "pmf": "pmf", "smat": "smat"}
+      "pmf": "pmf", "softmerge": "softmerge", "smat": "smat"}
   # The pre-training pool is classes no task draws from.
   pretrain = config_lib.load("pretrain_glyphs")
   assert (pretrain.data.pool or pretrain.data.train) in bench.id_specs

@@ -32,26 +32,29 @@ def test_reproduce_builds_trains_and_compares(tmp_path):
   assert (tmp_path / "run" / "pretrain" / "backbone" / "backbone.json").exists()
   assert sorted(p.name for p in (tmp_path / "run").glob("episode_*.png")) == [
       "episode_fashion_mnist.png", "episode_glyphs_id.png", "episode_glyphs_ood.png"]
-  for method in ("pmf", "smat"):
+  for method in ("pmf", "softmerge", "smat"):
     assert (tmp_path / "run" / method / "checkpoints").is_dir()
     assert summary["meta_train"][method]["stopped_at"] == summary["meta_train"][method]["total_steps"]
   results = json.loads((tmp_path / "run" / "results.json").read_text())
-  assert list(results["methods"]) == ["Pre", "PMF", "SMAT"]
+  assert list(results["methods"]) == ["Pre", "PMF", "SoftMerge", "SMAT"]
   for report in results["methods"].values():
     assert set(report) == {"glyphs:id", "glyphs:ood", "fashion_mnist"}
     for row in report.values():
       assert set(row) == {"5w1s", "5w5s"}
       assert all(0 <= cell["accuracy"] <= 100 and cell["episodes"] == 4 for cell in row.values())
-  assert len(results["methods"]["SMAT"]["glyphs:ood"]["5w1s"]["alpha_mean"]) == 2
+  for routed in ("SoftMerge", "SMAT"):
+    assert len(results["methods"][routed]["glyphs:ood"]["5w1s"]["alpha_mean"]) == 2
   pre_id = results["methods"]["Pre"]["glyphs:id"]["5w5s"]["accuracy"]
   assert results["averages"]["Pre"]["id"]["5w5s"] == pre_id
   assert "| **OOD average** | 5w1s |" in results["table"]
-  for name, method in (("PMF", "pmf"), ("SMAT", "smat")):  # the table names what it evaluates
+  # The table names what it evaluates.
+  for name, method in (("PMF", "pmf"), ("SoftMerge", "softmerge"), ("SMAT", "smat")):
     evaluated, best = results["evaluated"][name], summary["meta_train"][method]["best"]
     assert evaluated["step"] == best["step"]
     assert evaluated["val_accuracy"] == pytest.approx(best["val_accuracy"])
     assert f"{name}: best checkpoint, step {best['step']} " in results["table"]
   assert results["evaluated"]["PMF"]["sparsity"] is None
+  assert results["evaluated"]["SoftMerge"]["sparsity"] is None
   assert len(results["evaluated"]["SMAT"]["sparsity"]["deployed"]) == 2
   figures = tmp_path / "run" / "figures"
   assert {"mask_density.png", "mask_density_expected.png", "expert_choice.png"} <= {
