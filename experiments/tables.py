@@ -36,7 +36,7 @@ METHODS = ("pre", "pmf", "softmerge", "smat")
 # fine-tuning at density 0.1).
 MODES = ("zero-shot", "full", "lora")
 STRATEGY_MODES = ("random", "map", "influence", "selfpruner", "circuit")
-LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
+LABELS = evaluate.METHOD_LABELS
 MODE_LABELS = {"zero-shot": "", "full": " +full", "lora": " +LoRA", "sparse": " +sparse",
                # stand-alone sparse fine-tuning by a sparsity strategy (smat.finetune.ADAPTERS)
                "random": " +random", "map": " +MAP", "influence": " +influence",

@@ -203,6 +203,10 @@ def averages(report: dict, id_domains, ood_domains) -> dict:
   return {"id": mean(id_domains), "ood": mean(ood_domains)}
 
 
+# Each method's column in a comparison table ("pre": θ_pre itself).
+METHOD_LABELS = {"pre": "Pre", "pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}
+
+
 def comparison_table(reports: dict[str, dict], id_domains, ood_domains) -> str:
   """Markdown: rows = (domain, episode kind) and ID/OOD averages, columns = methods."""
   methods = list(reports)

@@ -3,13 +3,13 @@
 Stages: build the benchmark's sources → describe every evaluation domain → draw example
 episodes → measure the episode loader → pre-train the small backbone θ_pre on its pool →
 meta-train PMF, SoftMerge and SMAT on top of it → zero-shot comparison of Pre and the three on
-identical episodes, in distribution (the ID sources' test classes) and out of distribution (held-out
-domains) → figures of the SMAT run (`figures/`: mask density per block and parameter type,
-expert choice per domain, specialisation). `BENCHMARKS` names what each benchmark builds,
+identical episodes, in distribution (the ID sources' test classes) and out of distribution
+(held-out domains) → figures of the SMAT run (`figures/`: mask density per block and parameter
+type, expert choice per domain, specialisation). `BENCHMARKS` names what each benchmark builds,
 trains and compares on: `offline` (glyphs, emoji and icons; the default) or `glyphs` alone.
-Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`, `softmerge/`,
-`smat/`);
-`results.json` / `results.md` hold the comparison and `summary.json` every figure.
+Every stage writes into the workdir, one directory per method (`pretrain/`, `pmf/`,
+`softmerge/`, `smat/`); `results.json` / `results.md` hold the comparison and `summary.json`
+every figure.
 Re-running resumes: finished stages are cached, training resumes from its checkpoints.
 """
 
@@ -55,7 +55,6 @@ BENCHMARKS = {
                         {"pmf": "pmf_glyphs", "softmerge": "softmerge_glyphs",
                          "smat": "smat_glyphs"}),
 }
-COLUMN_NAMES = {"pmf": "PMF", "softmerge": "SoftMerge", "smat": "SMAT"}  # method → table column
 DEFAULT_WORKDIR = "runs/demo"  # the packaged configs' backbone.path is its pretrain/backbone
 # Fields the job sets itself (overriding them would split the stages' inputs), and what to use.
 JOB_FIELDS = {"data_dir": "--data-dir",
@@ -187,8 +186,8 @@ def compare(job: Job) -> None:
   config, runs, bench = job.config, job.runs, job.benchmark
   groups = {spec: [job.domains[spec]] for spec in bench.eval_specs}
   any_run = next(iter(runs.values()))
-  models = {"Pre": (any_run.theta_pre, any_run.hp.vit),
-            **{COLUMN_NAMES[method]: runs[method] for method in bench.meta_configs}}
+  models = {evaluate.METHOD_LABELS["pre"]: (any_run.theta_pre, any_run.hp.vit),
+            **{evaluate.METHOD_LABELS[method]: runs[method] for method in bench.meta_configs}}
   protocols = evaluate.fixed_protocols(config.data.image_size, ways=5, shots=(1, 5),
                                        queries=15, episodes=job.comparison_episodes,
                                        seed=config.seed,
@@ -199,8 +198,8 @@ def compare(job: Job) -> None:
     reports[name] = evaluate.report(model, groups, protocols)
     print(f"  {name}: {time.perf_counter() - start:.0f} s")
   described = next(iter(protocols.values())).describe()
-  evaluated = {COLUMN_NAMES[method]: metatrain.describe_checkpoint(str(job.out / method), run)
-               for method, run in runs.items()}
+  evaluated = {evaluate.METHOD_LABELS[method]: metatrain.describe_checkpoint(
+      str(job.out / method), run) for method, run in runs.items()}
   table = (evaluate.comparison_table(reports, bench.id_specs, bench.ood_specs) + "\n\n"
            + evaluated_models_note(evaluated, runs["smat"].hp.experts.target_sparsity))
   results = {"evaluated": evaluated, "methods": reports,
@@ -238,8 +237,9 @@ STAGES = (
                       f"{', '.join(job.benchmark.id_specs)})", measure_loader),
     Stage(lambda job: "pre-training the backbone θ_pre (resumes from its checkpoints)",
           pretrain_backbone),
-    Stage(lambda job: f"meta-training {', '.join(map(COLUMN_NAMES.get, job.benchmark.meta_configs))}"
-                      f" on θ_pre (resumes from their checkpoints)", meta_train),
+    Stage(lambda job: "meta-training " + ", ".join(evaluate.METHOD_LABELS[m]
+                                                   for m in job.benchmark.meta_configs)
+                      + " on θ_pre (resumes from their checkpoints)", meta_train),
     Stage(lambda job: f"zero-shot comparison on identical episodes ({job.comparison_episodes} "
                       f"per cell)", compare),
     Stage(lambda job: "figures of the SMAT run: mask density per block/type/expert, expert "
