@@ -508,7 +508,7 @@ def _add_meta_train(commands) -> None:
                   "SMAT's learned gates by a hand-designed mask strategy at the same τ.")
   meta.add_argument("--config", default="smat_glyphs",
                     help="packaged config name or file, [:variant] (default: smat_glyphs; "
-                         "variants smoke, fullnoise)")
+                         "variants smoke, fullnoise, long)")
   meta.add_argument("--workdir", required=True, help="checkpoints and logs go here")
   _distributed_arg(meta)
   meta.set_defaults(run=_cmd_meta_train, takes_overrides=True, compiles=True)

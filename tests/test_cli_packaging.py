@@ -160,6 +160,33 @@ def test_reproduce_refuses_an_override_no_stage_can_use(override, words, tmp_pat
   assert not (tmp_path / "demo").exists()  # before any stage runs
 
 
+def test_the_long_variant_triples_the_tasks_and_the_schedules_that_count_them():
+  base = config_lib.load("smat_offline").to_dict()
+  long = config_lib.load("smat_offline:long").to_dict()
+  tasks = lambda c: c["train"]["epochs"] * c["train"]["episodes_per_epoch"]
+  assert tasks(base) == 800 and tasks(long) == 2400
+  assert long["train"]["epochs"] == 20 and long["train"]["episodes_per_epoch"] == 120
+  assert long["router"]["temperature_decay_tasks"] == 3 * 180.0  # T_sel's floor at 2430 tasks
+  changed = {("train", "episodes_per_epoch"), ("router", "temperature_decay_tasks")}
+  for group, fields in base.items():  # nothing else moves
+    for field, value in (fields.items() if isinstance(fields, dict) else ()):
+      if (group, field) not in changed:
+        assert long[group][field] == value, (group, field)
+  assert config_lib.load("pmf_offline:long").train.episodes_per_epoch == 120
+
+
+def test_scale_length_keeps_the_schedule_in_step_with_fewer_epochs():
+  from smat.meta import defaults
+
+  c = config_lib.load("smat_offline")
+  defaults.scale_length(c, tasks=0.3, epochs=0.5)  # 240 tasks over 10 epochs
+  assert (c.train.epochs, c.train.episodes_per_epoch) == (10, 24)
+  assert (c.optim.warmup_epochs, c.optim.cosine_epochs) == (2, 20)
+  assert c.router.temperature_decay_tasks == pytest.approx(54.0)
+  defaults.scale_length(c, tasks=0.01)  # never under one meta-batch per epoch
+  assert c.train.episodes_per_epoch == c.data.meta_batch_size
+
+
 def test_reproduce_sends_each_override_to_the_stages_that_have_its_field():
   from smat import pipeline
 

@@ -24,7 +24,8 @@ learning rates large enough to move in a few hundred steps. Everything else is t
 * augmentation: P>M>F's random resized crop and colour jitter, but no horizontal flip — a
   mirrored letter is another letter or none (flips suit Meta-Dataset's photos, not scripts).
 
-Variants: `:smoke` (seconds; tests and CI), `:fullnoise` (training gates with u ~ U(0, 1)).
+Variants: `:smoke` (seconds; tests and CI), `:fullnoise` (training gates with u ~ U(0, 1)),
+`:long` (3 × the tasks, the schedules that count tasks scaled with them).
 """
 
 from smat.meta import defaults

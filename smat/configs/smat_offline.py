@@ -16,7 +16,8 @@ Everything else is `smat_glyphs`'s, with two choices made on the ID validation c
 glyphs 4–6 points) and random crops of 60–100% of the image (P>M>F's 8–100% crops a 32-px
 letter to a few strokes).
 
-Variants: `:smoke` (seconds; tests and CI), `:fullnoise` (training gates with u ~ U(0, 1)).
+Variants: `:smoke` (seconds; tests and CI), `:fullnoise` (training gates with u ~ U(0, 1)),
+`:long` (3 × the tasks, the schedules that count tasks scaled with them).
 """
 
 from smat.config import sibling

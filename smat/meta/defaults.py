@@ -140,7 +140,7 @@ def base(method: str = "smat") -> ml_collections.ConfigDict:
   return c
 
 
-VARIANTS = ("smoke", "fullnoise", "h5")
+VARIANTS = ("smoke", "fullnoise", "h5", "long")
 
 
 def h5_specs(specs: str, directory: str) -> str:
@@ -149,11 +149,26 @@ def h5_specs(specs: str, directory: str) -> str:
                   if s.startswith("tfds:meta_dataset/") else s for s in specs.split(","))
 
 
+def scale_length(c: ml_collections.ConfigDict, tasks: float, epochs: float = 1.0) -> None:
+  """The run with `tasks` × its meta-training tasks over `epochs` × its epochs: the per-epoch
+  schedule (warm-up, cosine horizon) scales with the epochs, the router temperature's decay with
+  the tasks (T_sel anneals over the same fraction of the run), and the tasks per epoch make up
+  the rest, a multiple of the meta-batch."""
+  new_epochs = max(1, round(c.train.epochs * epochs))
+  total = c.train.epochs * c.train.episodes_per_epoch * tasks
+  batch = c.data.meta_batch_size
+  c.train.episodes_per_epoch = max(batch, round(total / new_epochs / batch) * batch)
+  c.optim.warmup_epochs = round(c.optim.warmup_epochs * new_epochs / c.train.epochs)
+  c.optim.cosine_epochs = max(1, round(c.optim.cosine_epochs * new_epochs / c.train.epochs))
+  c.train.epochs = new_epochs
+  c.router.temperature_decay_tasks *= tasks
+
+
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """`arg` = comma-separated variants: `smoke` (seconds, for tests/CI), `fullnoise` (training
   gates with u ~ U(0, 1), Louizos et al., instead of the authors' 0.5 ± 1e-6), `h5` (the
   Meta-Dataset sources read from P>M>F's .h5 files under $SMAT_MD_H5_DIR, default data/md_h5,
-  instead of the TFDS builders)."""
+  instead of the TFDS builders), `long` (3 × the tasks in the same epochs, `scale_length`)."""
   variants = [v for v in (arg or "").split(",") if v]
   unknown = set(variants) - set(VARIANTS)
   if unknown:
@@ -166,6 +181,8 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     directory = os.environ.get(MD_H5_ENV, "data/md_h5")
     for field in ("train", "val", "test"):
       c.data[field] = h5_specs(c.data[field], directory)
+  if "long" in variants:
+    scale_length(c, tasks=3.0)
   if "smoke" in variants:
     c.data.sampler = "fixed"
     c.data.ways, c.data.shots, c.data.queries = 3, 1, 2
