@@ -3,10 +3,13 @@ results.json): for each domain and shot count, mean ± 95% CI of a per-episode d
 
   python -m experiments.paired OLD/results.json NEW/results.json --out F   # new − old, per method
   python -m experiments.paired R/results.json --between SMAT-Pre,SMAT-PMF --out F   # within one
+  python -m experiments.paired R/results.json T_5w1s.json,T_5w5s.json --out F   # a table's columns
 
 Two files must hold the same episodes (same seed, ways, shots, queries and count), e.g. the
 main job before and after a change of the method; one file compares its own methods, which
-every main job evaluates on identical episodes. Writes F.md and F.json.
+every main job evaluates on identical episodes. `experiments.tables` zero-shot outputs of the
+same protocol, one per shot count, joined by commas, read as one result (its columns are the
+methods). Writes F.md and F.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,35 @@ import sys
 import numpy as np
 
 from benchmarks import report
+
+
+def load(path: str) -> dict:
+  """A main-job results.json, or `experiments.tables` zero-shot outputs joined by commas (one
+  per shot count, e.g. OUT_5w1s.json,OUT_5w5s.json) in the same layout: {methods: {column:
+  {domain: {"5w1s": result}}}, episodes, ways, queries, seed, reserved_episodes}."""
+  parts = []
+  for part in path.split(","):
+    with open(part) as f:
+      parts.append(json.load(f))
+  if "methods" in parts[0]:
+    if len(parts) > 1:
+      raise SystemExit(f"error: {path}: join only experiments.tables outputs, not results.json")
+    return parts[0]
+  first = parts[0]["args"]
+  out = {"methods": {}, "episodes": first["episodes"], "ways": first["ways"],
+         "queries": first["queries"], "seed": first["seed"],
+         "reserved_episodes": first["lr_search_episodes"]}
+  for table in parts:
+    a = table["args"]
+    if [a[k] for k in ("episodes", "ways", "queries", "seed")] != [out[k] for k in (
+        "episodes", "ways", "queries", "seed")]:
+      raise SystemExit(f"error: {path}: the tables hold different episodes; join tables of "
+                       "one protocol that differ only in --shots")
+    for column, domains in table["cells"].items():
+      for domain, result in domains.items():
+        out["methods"].setdefault(column, {}).setdefault(domain, {})[
+            f"{a['ways']}w{a['shots']}s"] = result
+  return out
 
 
 def paired(old: list[float], new: list[float]) -> tuple[float, float]:
@@ -66,13 +98,11 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
   if len(args.files) == 2 and not args.between:
-    with open(args.files[0]) as f, open(args.files[1]) as g:
-      old, new = json.load(f), json.load(g)
+    old, new = load(args.files[0]), load(args.files[1])
     diff = {f"{m} new − old": d for m, d in differences(old, new).items()}
     what = "new − old per episode"
   elif len(args.files) == 1 and args.between:
-    with open(args.files[0]) as f:
-      new = json.load(f)
+    new = load(args.files[0])
     pairs = [tuple(p.split("-", 1)) for p in args.between.split(",")]
     diff = between(new, pairs)
     what = "per-episode differences between methods"

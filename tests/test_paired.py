@@ -46,3 +46,25 @@ def test_between_methods_of_one_result_on_its_identical_episodes(tmp_path):
   assert paired.main([str(tmp_path / "r.json"), "--between", "SMAT-Pre",
                       "--out", str(tmp_path / "d")]) == 0
   assert "| glyphs:id | 5w1s | +3.75 ± " in (tmp_path / "d.md").read_text()
+
+
+def test_tables_outputs_of_each_shot_count_read_as_one_main_job_result(tmp_path):
+  import json
+
+  def table(shots, per_episode, seed=0):
+    path = tmp_path / f"t{shots}s_{seed}.json"
+    args = {"episodes": len(per_episode), "ways": 5, "shots": shots, "queries": 15,
+            "seed": seed, "lr_search_episodes": 5}
+    path.write_text(json.dumps({"args": args, "cells": {
+        "SMAT": {"glyphs:id": {"per_episode": per_episode}}}}))
+    return str(path)
+
+  joined = paired.load(f"{table(1, [50.0, 70.0])},{table(5, [80.0, 90.0])}")
+  assert joined["methods"]["SMAT"]["glyphs:id"]["5w5s"]["per_episode"] == [80.0, 90.0]
+  assert (joined["episodes"], joined["reserved_episodes"]) == (2, 5)
+  main_job = {**_results([40.0, 90.0]), "reserved_episodes": 5}
+  main_job["methods"]["SMAT"]["glyphs:id"]["5w5s"] = {"per_episode": [85.0, 85.0]}
+  diff = paired.differences(main_job, joined)["SMAT"]["glyphs:id"]
+  assert diff["5w1s"][0] == pytest.approx(-5.0) and diff["5w5s"][0] == pytest.approx(0.0)
+  with pytest.raises(SystemExit, match="different episodes"):
+    paired.load(f"{table(1, [50.0, 70.0])},{table(5, [80.0, 90.0], seed=1)}")
