@@ -35,14 +35,16 @@ def load(path: str) -> dict:
     if len(parts) > 1:
       raise SystemExit(f"error: {path}: join only experiments.tables outputs, not results.json")
     return parts[0]
+  protocol = ("episodes", "ways", "queries", "seed")
   first = parts[0]["args"]
-  out = {"methods": {}, "episodes": first["episodes"], "ways": first["ways"],
-         "queries": first["queries"], "seed": first["seed"],
+  out = {"methods": {}, **{k: first[k] for k in protocol},
          "reserved_episodes": first["lr_search_episodes"]}
   for table in parts:
     a = table["args"]
-    if [a[k] for k in ("episodes", "ways", "queries", "seed")] != [out[k] for k in (
-        "episodes", "ways", "queries", "seed")]:
+    if a["modes"] != "zero-shot":
+      raise SystemExit(f"error: {path}: a table of --modes {a['modes']}; fine-tuned columns "
+                       "report --finetune-episodes, not --episodes: pair zero-shot tables")
+    if [a[k] for k in protocol] != [out[k] for k in protocol]:
       raise SystemExit(f"error: {path}: the tables hold different episodes; join tables of "
                        "one protocol that differ only in --shots")
     for column, domains in table["cells"].items():

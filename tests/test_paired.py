@@ -51,10 +51,10 @@ def test_between_methods_of_one_result_on_its_identical_episodes(tmp_path):
 def test_tables_outputs_of_each_shot_count_read_as_one_main_job_result(tmp_path):
   import json
 
-  def table(shots, per_episode, seed=0):
-    path = tmp_path / f"t{shots}s_{seed}.json"
+  def table(shots, per_episode, seed=0, modes="zero-shot"):
+    path = tmp_path / f"t{shots}s_{seed}_{len(modes)}.json"  # (no comma: paths join by it)
     args = {"episodes": len(per_episode), "ways": 5, "shots": shots, "queries": 15,
-            "seed": seed, "lr_search_episodes": 5}
+            "seed": seed, "lr_search_episodes": 5, "modes": modes}
     path.write_text(json.dumps({"args": args, "cells": {
         "SMAT": {"glyphs:id": {"per_episode": per_episode}}}}))
     return str(path)
@@ -68,3 +68,5 @@ def test_tables_outputs_of_each_shot_count_read_as_one_main_job_result(tmp_path)
   assert diff["5w1s"][0] == pytest.approx(-5.0) and diff["5w5s"][0] == pytest.approx(0.0)
   with pytest.raises(SystemExit, match="different episodes"):
     paired.load(f"{table(1, [50.0, 70.0])},{table(5, [80.0, 90.0], seed=1)}")
+  with pytest.raises(SystemExit, match="fine-tuned columns"):
+    paired.load(table(1, [50.0, 70.0], modes="zero-shot,full"))
