@@ -176,6 +176,44 @@ def test_checkpoint_round_trip_is_bit_identical(timm, saved_backbone):
   assert bf16_config == config.replace(dtype="bfloat16")
 
 
+# The block's pieces written for XLA:CPU's speed compute what their textbook forms compute.
+
+def test_gelu_is_exact_gelu():
+  x = jnp.linspace(-12.0, 12.0, 4001)
+  ours, reference = layout.gelu(x), jax.nn.gelu(x, approximate=False)
+  # Where erf(x/√2) rounds to −1 (x < −4) the erf form is 0 and the erfc form ~1e-7: the
+  # absolute difference is float32's rounding of 1 + erf, as in PyTorch's GELU.
+  np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+  # Φ(1) = 0.8413447460685429 (the standard normal CDF): GELU(1) = Φ(1), GELU(−1) = Φ(1) − 1.
+  np.testing.assert_allclose(layout.gelu(jnp.array([1.0, -1.0])),
+                             [0.8413447460685429, 0.8413447460685429 - 1], rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda t: layout.gelu(t).sum())(x),
+                             jax.grad(lambda t: jax.nn.gelu(t, approximate=False).sum())(x),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_and_its_gradient_match_jax():
+  scores = 4 * jax.random.normal(jax.random.key(0), (2, 3, 7, 7))
+  cotangent = jax.random.normal(jax.random.key(1), scores.shape)
+  np.testing.assert_allclose(layout.softmax(scores), jax.nn.softmax(scores, axis=-1),
+                             rtol=1e-6, atol=1e-7)
+  loss = lambda f: lambda s: jnp.sum(f(s) * cotangent)
+  np.testing.assert_allclose(jax.grad(loss(layout.softmax))(scores),
+                             jax.grad(loss(lambda s: jax.nn.softmax(s, axis=-1)))(scores),
+                             rtol=1e-5, atol=1e-6)
+  # Second order too (the outer gradient of a step that differentiates through the backbone).
+  second = lambda f: jax.grad(lambda s: jnp.sum(jax.grad(loss(f))(s) ** 2))(scores)
+  np.testing.assert_allclose(second(layout.softmax),
+                             second(lambda s: jax.nn.softmax(s, axis=-1)), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_matches_its_textbook_form():
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 9, 4, 8))
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  reference = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+  np.testing.assert_allclose(layout.attend(q, k, v), reference, rtol=1e-5, atol=1e-6)
+
+
 # 4. Position-embedding interpolation.
 
 def test_resample_pos_embed_is_identity_at_native_grid():
