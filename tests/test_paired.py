@@ -52,7 +52,7 @@ def test_tables_outputs_of_each_shot_count_read_as_one_main_job_result(tmp_path)
   import json
 
   def table(shots, per_episode, seed=0, modes="zero-shot"):
-    path = tmp_path / f"t{shots}s_{seed}_{len(modes)}.json"  # (no comma: paths join by it)
+    path = tmp_path / f"t{shots}s_{seed}_{modes.replace(',', '+')}.json"  # paths join by commas
     args = {"episodes": len(per_episode), "ways": 5, "shots": shots, "queries": 15,
             "seed": seed, "lr_search_episodes": 5, "modes": modes}
     path.write_text(json.dumps({"args": args, "cells": {
