@@ -13,6 +13,8 @@ import time
 
 import jax
 
+from smat import host_memory
+
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by device kind.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -109,6 +111,7 @@ def provenance(module: str, argv: list[str] | None, *details: str) -> str:
   machine = (f"{platform.node()} ({platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs, {jax.devices()[0].device_kind})")
   lines = [f"python -m {module} {' '.join(argv)}",
-           f"machine: {machine}, date: {time.strftime('%Y-%m-%d')}",
+           f"machine: {machine}, host memory: {host_memory.describe()}, "
+           f"date: {time.strftime('%Y-%m-%d')}",
            commit_text(this_commit()), *details]
   return "<!-- " + "\n".join(lines) + " -->"

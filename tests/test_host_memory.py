@@ -1,0 +1,56 @@
+"""smat.host_memory: freed blocks stay in the process, so the next XLA step reuses mapped pages."""
+
+import ctypes
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from smat import host_memory
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+
+# Allocates and frees 64 MB with malloc, then reports glibc's counters: with the policy, the block
+# comes from the heap (arena grows, no mmapped bytes) and stays there after free (no trim).
+_PROBE = """
+import ctypes, sys
+import smat
+class Info(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20)
+held = libc.mallinfo2()
+libc.free(ctypes.c_void_p(p))
+after = libc.mallinfo2()
+print(held.hblkhd >> 20, held.arena >> 20, after.arena >> 20)
+"""
+
+
+def _probe(policy: str) -> list[int]:
+  out = subprocess.run([sys.executable, "-c", _PROBE], check=True, timeout=60, text=True,
+                       capture_output=True, env={"SMAT_MALLOC": policy, "PATH": ""}).stdout
+  return [int(v) for v in out.split()]
+
+
+@glibc
+def test_retain_serves_large_blocks_from_the_heap_and_keeps_them():
+  mmapped, arena_held, arena_after = _probe("retain")
+  assert mmapped < 64 and arena_held >= 64 and arena_after >= 64
+
+
+@glibc
+def test_system_leaves_glibc_defaults():
+  mmapped, _, arena_after = _probe("system")
+  assert mmapped >= 64 and arena_after < 64
+
+
+def test_choice_rejects_nonsense():
+  assert host_memory.choice({}) == "retain"
+  assert host_memory.choice({"SMAT_MALLOC": "system"}) == "system"
+  with pytest.raises(ValueError, match="SMAT_MALLOC"):
+    host_memory.choice({"SMAT_MALLOC": "jemalloc"})
+  assert not host_memory.retain_freed_memory({"SMAT_MALLOC": "system"})
