@@ -1,8 +1,8 @@
 """Keep freed host memory in the process, so XLA:CPU does not pay page faults on every step.
 
 XLA:CPU allocates each execution's temporaries and outputs afresh with `malloc`. glibc serves
-blocks that large with a new `mmap` and unmaps them on `free`, so every step touches tens of MB
-of new pages: the kernel faults and zeroes each one before the computation can write it. On a
+blocks that large with a new `mmap` and unmaps them on `free`, so every step touches hundreds of
+MB of new pages: the kernel faults and zeroes each one before the computation can write it. On a
 2-core CPU that is most of an elementwise op's time (`x * 2 + 1` on [13000, 512] floats: 6.8 ms
 with glibc's defaults, 1.2 ms here) and a third of a ViT forward+backward
 (`benchmarks.cpu_side_by_side`). With mmap off, one arena and no trimming, freed blocks go back
@@ -28,6 +28,8 @@ CHOICES = ("retain", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _NEVER = -1
 
+_applied = False  # whether glibc took the settings in this process
+
 
 def choice(environ=os.environ) -> str:
   """$SMAT_MALLOC: 'retain' (the default) or 'system'."""
@@ -47,13 +49,16 @@ def _libc():
 def retain_freed_memory(environ=os.environ) -> bool:
   """Ask glibc to serve every block from one heap (no mmap) and never trim it; whether it did
   (False under SMAT_MALLOC=system or without glibc)."""
+  global _applied
   libc = _libc()
   if choice(environ) == "system" or libc is None:
     return False
   settings = ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, _NEVER))
-  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+  _applied = all(libc.mallopt(param, value) == 1 for param, value in settings) or _applied
+  return _applied
 
 
-def describe(environ=os.environ) -> str:
-  """The allocator policy in force, recorded next to results: 'retain' or 'system'."""
-  return "retain" if choice(environ) == "retain" and _libc() is not None else "system"
+def describe() -> str:
+  """The allocator policy this process runs under, recorded next to results: 'retain' once
+  glibc took the settings, else 'system'."""
+  return "retain" if _applied else "system"

@@ -1,6 +1,5 @@
 """smat.host_memory: freed blocks stay in the process, so the next XLA step reuses mapped pages."""
 
-import ctypes
 import platform
 import subprocess
 import sys
@@ -14,7 +13,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's ma
 # Allocates and frees 64 MB with malloc, then reports glibc's counters: with the policy, the block
 # comes from the heap (arena grows, no mmapped bytes) and stays there after free (no trim).
 _PROBE = """
-import ctypes, sys
+import ctypes
 import smat
 class Info(ctypes.Structure):
   _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -26,26 +25,29 @@ p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20)
 held = libc.mallinfo2()
 libc.free(ctypes.c_void_p(p))
 after = libc.mallinfo2()
-print(held.hblkhd >> 20, held.arena >> 20, after.arena >> 20)
+from smat import host_memory
+print(held.hblkhd >> 20, held.arena >> 20, after.arena >> 20, host_memory.describe())
 """
 
 
-def _probe(policy: str) -> list[int]:
+def _probe(policy: str) -> tuple[list[int], str]:
+  """(MB mmapped while held, MB of heap while held, MB of heap after free), the policy named."""
   out = subprocess.run([sys.executable, "-c", _PROBE], check=True, timeout=60, text=True,
                        capture_output=True, env={"SMAT_MALLOC": policy, "PATH": ""}).stdout
-  return [int(v) for v in out.split()]
+  *sizes, described = out.split()
+  return [int(v) for v in sizes], described
 
 
 @glibc
 def test_retain_serves_large_blocks_from_the_heap_and_keeps_them():
-  mmapped, arena_held, arena_after = _probe("retain")
-  assert mmapped < 64 and arena_held >= 64 and arena_after >= 64
+  (mmapped, arena_held, arena_after), described = _probe("retain")
+  assert mmapped < 64 and arena_held >= 64 and arena_after >= 64 and described == "retain"
 
 
 @glibc
 def test_system_leaves_glibc_defaults():
-  mmapped, _, arena_after = _probe("system")
-  assert mmapped >= 64 and arena_after < 64
+  (mmapped, _, arena_after), described = _probe("system")
+  assert mmapped >= 64 and arena_after < 64 and described == "system"
 
 
 def test_choice_rejects_nonsense():
