@@ -61,10 +61,15 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
+# The first calls of a step are slow while the process heap grows to its working size (with
+# smat.host_memory's settings the second call of the SMAT glyph step still takes 2-3x the rest).
+WARMUP_CALLS = 3
+
+
 def seconds_per_call(fn, args, repeats: int) -> float:
-  """Mean wall time of `fn(*args)` over `repeats` calls after one warm-up call."""
-  out = fn(*args)
-  jax.block_until_ready(out)
+  """Mean wall time of `fn(*args)` over `repeats` calls after `WARMUP_CALLS` untimed ones."""
+  for _ in range(WARMUP_CALLS):
+    jax.block_until_ready(fn(*args))
   start = time.perf_counter()
   for _ in range(repeats):
     out = fn(*args)

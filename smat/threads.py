@@ -24,7 +24,8 @@ def pin_from_env(environ=os.environ) -> int | None:
   if not value:
     return None
   if not value.isdigit() or int(value) < 1:
-    raise ValueError(f"{ENV}={value!r}: expected a positive thread count")
+    raise ValueError(f"{ENV}={value!r}: expected a positive thread count; set it to one "
+                     f"(e.g. {ENV}=2) or unset it to use every core")
   if _backend_started() and environ.get("NPROC") != value:
     warnings.warn(f"{ENV}={value} comes too late: JAX's CPU backend already started with its "
                   f"own thread count; import smat before running anything in JAX", stacklevel=2)

@@ -1,6 +1,7 @@
 """smat.host_memory: freed blocks stay in the process, so the next XLA step reuses mapped pages."""
 
 import platform
+import os
 import subprocess
 import sys
 
@@ -51,8 +52,20 @@ def test_system_leaves_glibc_defaults():
 
 
 def test_choice_rejects_nonsense():
-  assert host_memory.choice({}) == "retain"
+  assert host_memory.choice({}) == "system"
+  assert host_memory.choice({"SMAT_MALLOC": "retain"}) == "retain"
   assert host_memory.choice({"SMAT_MALLOC": "system"}) == "system"
   with pytest.raises(ValueError, match="SMAT_MALLOC"):
     host_memory.choice({"SMAT_MALLOC": "jemalloc"})
   assert not host_memory.retain_freed_memory({"SMAT_MALLOC": "system"})
+  assert not host_memory.retain_freed_memory({})
+
+
+@pytest.mark.parametrize("name,value", [("SMAT_MALLOC", "jemalloc"), ("SMAT_THREADS", "two")])
+def test_a_bad_variable_stops_the_import_with_one_error_line(name, value):
+  env = {k: v for k, v in os.environ.items() if k not in ("SMAT_MALLOC", "SMAT_THREADS")}
+  done = subprocess.run([sys.executable, "-c", "import smat"], timeout=60, text=True,
+                        capture_output=True, env={**env, name: value})
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 1 and len(lines) == 1, done.stderr
+  assert lines[0].startswith(f"error: {name}={value!r}") and "unset it" in lines[0]
